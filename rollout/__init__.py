@@ -1,0 +1,8 @@
+"""rollout: a rollout engine for RL post-training, embedded in every training rank."""
+
+from rollout.entrypoints.llm import LLM
+from rollout.outputs import CompletionOutput, Logprob, RequestOutput
+from rollout.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""Prompt normalisation and validation: everything is checked before any request starts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rollout.errors import InvalidRequestError
+from rollout.sampling_params import SamplingParams
+
+_PROMPT_FORMS = (
+    "a str, a list of str, a list of token ids, a list of token-id lists, "
+    "or dicts {'prompt_token_ids': [...]} / {'prompt': str}"
+)
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    prompt: str | None
+    token_ids: list[int]
+
+
+def _is_token_list(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def split_prompts(prompts: Any) -> list[Any]:
+    """One entry per prompt, whatever form the batch came in."""
+    if isinstance(prompts, (str, dict)) or _is_token_list(prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if len(prompts) == 0:
+            raise InvalidRequestError("prompts", prompts, f"a non-empty batch: {_PROMPT_FORMS}")
+        return list(prompts)
+    raise InvalidRequestError("prompts", prompts, _PROMPT_FORMS)
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any | None, vocab_size: int, max_model_len: int, max_prompt_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        # The KV cache must hold a whole prompt (plus the first sampled token's slot).
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def process(self, prompt: Any, index: int = 0) -> ProcessedPrompt:
+        field = f"prompts[{index}]"
+        text: str | None = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                text = prompt.get("prompt")
+            elif "prompt" in prompt:
+                text = prompt["prompt"]
+                ids = self._tokenize(text, field)
+            else:
+                raise InvalidRequestError(field, prompt, "a dict with 'prompt_token_ids' or 'prompt'")
+        elif isinstance(prompt, str):
+            text = prompt
+            ids = self._tokenize(prompt, field)
+        else:
+            ids = prompt
+        if isinstance(ids, (list, tuple)) and len(ids) == 0 or text == "":
+            raise InvalidRequestError(field, prompt, "a non-empty prompt")
+        if not _is_token_list(ids):
+            raise InvalidRequestError(field, prompt, _PROMPT_FORMS)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                field, bad[:5], f"token ids in [0, {self.vocab_size})", f"{len(bad)} out-of-range id(s)"
+            )
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                field, f"<{n} tokens>", f"at most {self.max_model_len - 1} tokens (max_model_len={self.max_model_len}"
+                " leaves room for one generated token)",
+            )
+        if n > self.max_prompt_tokens:
+            raise InvalidRequestError(
+                field, f"<{n} tokens>", f"at most {self.max_prompt_tokens} tokens, what the KV cache can hold"
+            )
+        return ProcessedPrompt(text, list(ids))
+
+    def _tokenize(self, text: Any, field: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequestError(field, text, "a str")
+        if self.tokenizer is None:
+            raise InvalidRequestError(field, text, "token ids: this engine has no tokenizer (pass tokenizer=)")
+        return list(self.tokenizer(text).input_ids)
+
+
+def expand_params(params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * num_prompts
+    if isinstance(params, SamplingParams):
+        return [params] * num_prompts
+    if isinstance(params, (list, tuple)) and all(isinstance(p, SamplingParams) for p in params):
+        if len(params) != num_prompts:
+            raise InvalidRequestError(
+                "sampling_params", f"<{len(params)} SamplingParams>", f"one SamplingParams or exactly {num_prompts} (one per prompt)"
+            )
+        return list(params)
+    raise InvalidRequestError("sampling_params", params, "None, a SamplingParams, or a list of them (one per prompt)")

@@ -1,0 +1,117 @@
+"""KVCacheManager: which blocks each request holds, prefix-cache lookups and allocation."""
+
+from __future__ import annotations
+
+from rollout.engine.block_pool import BlockPool, KVBlock, hash_block
+from rollout.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Maps requests to blocks of a BlockPool; knows nothing about the model or the device."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self._req_blocks: dict[str, list[KVBlock]] = {}
+        # How many leading blocks of each request are registered in the prefix cache.
+        self._num_cached_blocks: dict[str, int] = {}
+        # Requests holding KV from before a prefix-cache reset never register blocks again:
+        # their later blocks chain onto KV computed with old weights.
+        self._stale: set[str] = set()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_blocks * self.block_size
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self._req_blocks.get(req_id, ())]
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached prefix of full blocks; at least the last token is always recomputed
+        because its logits are needed."""
+        if not (self.enable_caching and req.uses_prefix_cache):
+            return [], 0
+        self._update_hashes(req)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        tokens = req.all_token_ids
+        hits: list[KVBlock] = []
+        for i in range(min(max_blocks, len(req.block_hashes))):
+            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            block = self.pool.get_cached_block(req.block_hashes[i], chunk)
+            if block is None:
+                break
+            hits.append(block)
+        self.pool.num_hit_queries += 1
+        self.pool.num_hit_blocks += len(hits)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self, req: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()
+    ) -> bool:
+        """Make room for ``num_new_tokens`` more tokens after ``req.num_computed_tokens`` plus
+        the hit blocks. Returns False, changing nothing, when the pool is short."""
+        held = self._req_blocks.get(req.req_id, [])
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_required = cdiv(num_computed + num_new_tokens, self.block_size)
+        num_new_blocks = num_required - len(held) - len(computed_blocks)
+        # Hits sitting in the free queue stop being allocatable once touched.
+        num_evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks + num_evictable_hits > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(list(computed_blocks))
+        blocks = self._req_blocks.setdefault(req.req_id, [])
+        blocks.extend(computed_blocks)
+        if computed_blocks:
+            self._num_cached_blocks[req.req_id] = len(blocks)
+        if num_new_blocks > 0:
+            blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+        return True
+
+    def cache_blocks(self, req: Request, num_tokens: int) -> None:
+        """Register the full blocks among the first ``num_tokens`` tokens in the prefix cache.
+
+        Called at schedule time for tokens computed in this step: within a layer every K/V
+        write of a step happens before any attention read, so a request scheduled later in
+        the same step may already hit these blocks.
+        """
+        if not (self.enable_caching and req.uses_prefix_cache) or req.req_id in self._stale:
+            return
+        num_full = num_tokens // self.block_size
+        start = self._num_cached_blocks.get(req.req_id, 0)
+        if num_full <= start:
+            return
+        self._update_hashes(req, num_full)
+        blocks = self._req_blocks[req.req_id]
+        tokens = req.all_token_ids
+        for i in range(start, num_full):
+            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            self.pool.cache_block(blocks[i], req.block_hashes[i], chunk)
+        self._num_cached_blocks[req.req_id] = num_full
+
+    def free(self, req: Request) -> None:
+        blocks = self._req_blocks.pop(req.req_id, [])
+        self._num_cached_blocks.pop(req.req_id, None)
+        self._stale.discard(req.req_id)
+        # Tail blocks are the least likely to be shared, so they go first in eviction order.
+        self.pool.free_blocks(blocks[::-1])
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+        self._stale.update(self._req_blocks)
+
+    def _update_hashes(self, req: Request, upto: int | None = None) -> None:
+        num_full = req.num_tokens // self.block_size if upto is None else upto
+        tokens = req.all_token_ids
+        hashes = req.block_hashes
+        for i in range(len(hashes), num_full):
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size])))

@@ -1,0 +1,125 @@
+"""LLMEngine: the in-process engine loop: schedule -> execute -> update -> outputs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from rollout.engine.kv_cache import KVCacheManager
+from rollout.engine.model_runner import ModelRunner
+from rollout.engine.output_processor import OutputProcessor
+from rollout.engine.request import Request, RequestStatus
+from rollout.engine.scheduler import Scheduler
+from rollout.outputs import RequestOutput
+from rollout.platforms import Platform
+from rollout.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(
+        self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Any | None,
+        eos_token_ids: tuple[int, ...], platform: Platform,
+    ) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.kv: KVCacheManager = scheduler.kv
+        self.outputs = OutputProcessor(tokenizer)
+        self.eos_token_ids = eos_token_ids
+        self.platform = platform
+        self.max_num_tokens = min(scheduler.config.max_model_len, self.kv.capacity_tokens)
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
+        """Queue one prompt (already validated) as ``params.n`` child requests."""
+        children = []
+        for i in range(params.n):
+            child = params.for_sample(i) if params.n > 1 else params
+            gen = None
+            if child.seed is not None:
+                gen = self.platform.manual_seed_generator(child.seed, self.runner.device)
+            children.append(
+                Request(
+                    req_id=f"{request_id}-{i}" if params.n > 1 else request_id,
+                    prompt_token_ids=token_ids, sampling_params=child,
+                    max_num_tokens=self.max_num_tokens, eos_token_ids=self.eos_token_ids, generator=gen,
+                )
+            )
+        self.outputs.add(request_id, prompt, children)
+        for c in children:
+            self.scheduler.add_request(c)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        state = self.outputs.parents.get(request_id)
+        if state is None:
+            return []
+        self.scheduler.finish_requests([c.req_id for c in state.children], RequestStatus.FINISHED_ABORTED)
+        out = self.outputs.pop_finished(request_id)
+        return [out] if out is not None else []
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the RequestOutputs of prompts that finished in it."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished_requests():
+                raise RuntimeError("scheduler made no progress with requests pending (engine bug)")
+            return []
+        run = self.runner.execute(sched)
+        self.num_steps += 1
+        reqs = {r: self.scheduler.requests[r] for r in run.req_ids}
+        for req_id, (start, entries) in run.prompt_logprobs.items():
+            req = reqs[req_id]
+            if start == len(req.prompt_logprobs):  # recomputation after preemption adds nothing
+                req.prompt_logprobs.extend(entries)
+        advanced, finished = self.scheduler.update(sched, dict(zip(run.req_ids, run.sampled_token_ids)))
+        lp_of = dict(zip(run.req_ids, run.logprobs))
+        stopped = []
+        for req in advanced:
+            lp = lp_of[req.req_id]
+            if lp is not None:
+                req.output_logprobs.append(lp)
+            if self.outputs.detokenize(req) is not None and not req.is_finished:
+                stopped.append(req.req_id)
+        self.num_generated_tokens += len(advanced)
+        finished += self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        results = []
+        for req in finished:
+            state = self.outputs.parent_of(req.req_id)
+            if state is not None:
+                out = self.outputs.pop_finished(state.request_id)
+                if out is not None:
+                    results.append(out)
+        return results
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.reset_prefix_cache()
+
+    @property
+    def prefix_cache_stats(self) -> dict[str, int]:
+        pool = self.kv.pool
+        return {"queries": pool.num_hit_queries, "hit_blocks": pool.num_hit_blocks}
+
+
+def default_num_blocks(runner: ModelRunner, platform: Platform, device: torch.device, *,
+                       num_kv_blocks: int | None, kv_cache_memory_bytes: int | None,
+                       gpu_memory_utilization: float) -> int:
+    if num_kv_blocks is not None:
+        return num_kv_blocks
+    per_block = runner.kv_bytes_per_block()
+    budget = kv_cache_memory_bytes
+    if budget is None:
+        budget = platform.kv_cache_budget(device, gpu_memory_utilization)
+    num = budget // per_block
+    if num < 1:
+        raise MemoryError(
+            f"no room for the KV cache: {budget} bytes available, one block needs {per_block};"
+            " lower max_model_len or raise kv_cache_memory_bytes / gpu_memory_utilization"
+        )
+    return int(num)

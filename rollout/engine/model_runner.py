@@ -1,0 +1,208 @@
+"""ModelRunner: turns a SchedulerOutput into flat tensors, runs the model once, samples.
+
+One forward covers every scheduled token of every request (prefill chunks and decodes
+alike); the last position of each request is sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rollout.attention_backends import get_attention_backend
+from rollout.engine.input_batch import InputBatch
+from rollout.engine.request import TokenLogprobs
+from rollout.engine.sampler import Sampler, SamplingMetadata, gather_logprobs
+from rollout.engine.scheduler import SchedulerOutput
+from rollout.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from rollout.platforms import Platform
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str]
+    sampled_token_ids: list[int]
+    # Per request (same order), when that request asked for logprobs.
+    logprobs: list[TokenLogprobs | None]
+    # req_id -> (first prompt position covered, entries): prompt logprobs of this step's chunk.
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(
+        self, model: nn.Module, platform: Platform, device: torch.device, *, block_size: int,
+        max_num_reqs: int, max_model_len: int, seed: int,
+    ) -> None:
+        self.model = model
+        self.platform = platform
+        self.device = device
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_req = -(-(max_model_len + 1) // block_size)
+        self.batch = InputBatch(max_num_reqs, max_model_len, self.max_blocks_per_req)
+        self.sampler = Sampler()
+        self.backend = get_attention_backend(platform.attention_backend())
+        # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)).
+        self.generator = platform.manual_seed_generator(seed, device)
+        self.kv_arena: torch.Tensor | None = None
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV cache --------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        layers = len(self.model.model.layers)
+        elem = next(self.model.parameters()).element_size()
+        return 2 * layers * self.block_size * self.model.num_kv_heads * self.model.head_dim * elem
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """One arena for every layer's K and V; layers see views, so the arena can later be
+        released and re-backed as a whole."""
+        layers = len(self.model.model.layers)
+        dtype = next(self.model.parameters()).dtype
+        shape = (layers, 2, num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
+        self.kv_arena = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.kv_caches = list(self.kv_arena.unbind(0))
+
+    # ---- one step ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_batch(sched)
+        req_ids = list(sched.num_scheduled_tokens)
+        rows = torch.tensor([self.batch.rows[r] for r in req_ids], dtype=torch.int64)
+        num_sched = torch.tensor(list(sched.num_scheduled_tokens.values()), dtype=torch.int64)
+        inputs = self._prepare_inputs(rows, num_sched)
+        ctx = ForwardContext(inputs["attn"], self.kv_caches, self.backend)
+        with set_forward_context(ctx):
+            hidden = self.model(inputs["input_ids"], inputs["positions"])  # [num_tokens, hidden]
+            logits = self.model.compute_logits(hidden[inputs["logits_indices"]])  # [num_reqs, vocab]
+        out = self._sample(req_ids, rows, logits)
+        self._prompt_logprobs(req_ids, rows, num_sched, inputs, hidden, out)
+        self._advance(rows, num_sched, out.sampled_token_ids)
+        return out
+
+    def _update_batch(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.removed_req_ids:
+            self.batch.remove(req_id)
+        for new in sched.new_reqs:
+            self.batch.add(new)
+        for cached in sched.cached_reqs:
+            idx = self.batch.rows[cached.req_id]
+            self.batch.append_blocks(idx, cached.new_block_ids)
+            assert int(self.batch.num_computed_cpu[idx]) == cached.num_computed_tokens, cached.req_id
+
+    def _prepare_inputs(self, rows: torch.Tensor, num_sched: torch.Tensor) -> dict:
+        b = self.batch
+        num_reqs, total = len(rows), int(num_sched.sum())
+        cu = torch.zeros(num_reqs + 1, dtype=torch.int64)  # [num_reqs + 1]
+        torch.cumsum(num_sched, 0, out=cu[1:])
+        start = b.num_computed_cpu[rows]  # [num_reqs]
+        req_of_token = torch.repeat_interleave(torch.arange(num_reqs), num_sched)  # [total]
+        positions = start[req_of_token] + torch.arange(total) - cu[:-1][req_of_token]  # [total]
+        token_rows = rows[req_of_token]
+        input_ids = b.token_ids_cpu[token_rows, positions]
+        slots = b.block_table_cpu[token_rows, positions // self.block_size].long() * self.block_size
+        slots += positions % self.block_size
+        seq_lens = start + num_sched  # [num_reqs]
+        max_blocks = -(-int(seq_lens.max()) // self.block_size)
+        dev = self.device
+        attn = AttentionMetadata(
+            slot_mapping=slots.to(dev, non_blocking=True),
+            block_tables=b.block_table_cpu[rows, :max_blocks].to(dev, non_blocking=True),
+            query_start_loc=cu.to(torch.int32).to(dev, non_blocking=True),
+            seq_lens=seq_lens.to(torch.int32).to(dev, non_blocking=True),
+            query_start_loc_cpu=cu,
+            seq_lens_cpu=seq_lens,
+            max_query_len=int(num_sched.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        return {
+            "input_ids": input_ids.to(dev, non_blocking=True),
+            "positions": positions.to(dev, non_blocking=True),
+            "positions_cpu": positions,
+            "cu_cpu": cu,
+            "logits_indices": (cu[1:] - 1).to(dev, non_blocking=True),
+            "attn": attn,
+        }
+
+    def _sampling_metadata(self, rows: list[int]) -> SamplingMetadata:
+        states = [self.batch.states[r] for r in rows]
+        params = [s.params for s in states]
+        f32 = dict(dtype=torch.float32, device=self.device)
+        temperature = torch.tensor([0.0 if p.greedy else p.temperature for p in params], **f32)
+        top_k = top_p = min_p = None
+        if any(p.top_k > 0 for p in params):
+            top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=self.device)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], **f32)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], **f32)
+        banned = {}
+        for i, (r, s) in enumerate(zip(rows, states)):
+            num_out = int(self.batch.num_tokens_cpu[r]) - s.num_prompt_tokens
+            if num_out < s.params.min_tokens and s.stop_token_ids:
+                banned[i] = list(s.stop_token_ids)
+        k = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingMetadata(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            generators={i: s.generator for i, s in enumerate(states) if s.generator is not None},
+            default_generator=self.generator,
+            all_greedy=all(p.greedy for p in params),
+            max_num_logprobs=max(k) if k else None,
+            banned_token_ids=banned,
+        )
+
+    def _sample(self, req_ids: list[str], rows: torch.Tensor, logits: torch.Tensor) -> ModelRunnerOutput:
+        row_list = rows.tolist()
+        md = self._sampling_metadata(row_list)
+        s = self.sampler(logits, md)
+        # The step's one host sync: everything the scheduler and outputs need, at once.
+        sampled = s.sampled_token_ids.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(req_ids)
+        if md.max_num_logprobs is not None:
+            lp, ranks = s.sampled_logprobs.tolist(), s.sampled_ranks.tolist()
+            top_ids = s.topk_token_ids.tolist() if s.topk_token_ids is not None else None
+            top_lp = s.topk_logprobs.tolist() if s.topk_logprobs is not None else None
+            for i, r in enumerate(row_list):
+                k = self.batch.states[r].params.logprobs
+                if k is None:
+                    continue
+                ids = top_ids[i][:k] if top_ids else []
+                vals = top_lp[i][:k] if top_lp else []
+                keep = [j for j, v in enumerate(vals) if v != float("-inf")]
+                logprobs[i] = TokenLogprobs(lp[i], ranks[i], [ids[j] for j in keep], [vals[j] for j in keep])
+        return ModelRunnerOutput(req_ids, sampled, logprobs)
+
+    def _prompt_logprobs(self, req_ids, rows, num_sched, inputs, hidden, out: ModelRunnerOutput) -> None:
+        b = self.batch
+        cu, positions = inputs["cu_cpu"], inputs["positions_cpu"]
+        for i, r in enumerate(rows.tolist()):
+            st = b.states[r]
+            k = st.params.prompt_logprobs
+            if k is None:
+                continue
+            lo, hi = int(cu[i]), int(cu[i + 1])
+            pos = positions[lo:hi]
+            keep = pos + 1 < st.num_prompt_tokens  # positions that predict a prompt token
+            if not bool(keep.any()):
+                continue
+            idx = torch.arange(lo, hi)[keep]
+            targets = b.token_ids_cpu[r, pos[keep] + 1]
+            lp = torch.log_softmax(self.model.compute_logits(hidden[idx.to(self.device)]).float(), dim=-1)
+            tok_lp, ranks, top_ids, top_lp = gather_logprobs(lp, targets.to(self.device), k)
+            entries = [
+                TokenLogprobs(
+                    v, rk, top_ids[j].tolist() if top_ids is not None else [],
+                    top_lp[j].tolist() if top_lp is not None else [],
+                )
+                for j, (v, rk) in enumerate(zip(tok_lp.tolist(), ranks.tolist()))
+            ]
+            out.prompt_logprobs[req_ids[i]] = (int(pos[keep][0]), entries)
+
+    def _advance(self, rows: torch.Tensor, num_sched: torch.Tensor, sampled: list[int]) -> None:
+        b = self.batch
+        b.num_computed_cpu[rows] += num_sched
+        done = (b.num_computed_cpu[rows] >= b.num_tokens_cpu[rows]).tolist()
+        for r, is_done, tok in zip(rows.tolist(), done, sampled):
+            if is_done:
+                b.append_token(r, tok)

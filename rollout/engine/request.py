@@ -1,0 +1,124 @@
+"""Request: the engine-side state of one sequence (one of a prompt's n samples)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from rollout.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Everything from here on is finished.
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = () if self.sampling_params.ignore_eos else self.eos_token_ids
+        return tuple(dict.fromkeys((*eos, *self.sampling_params.stop_token_ids)))
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob data of one generated token (filled only when the request asked for logprobs)."""
+
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence: prompt, generated tokens, and how far its KV cache has been computed.
+
+    Every state the scheduler needs is "catch ``num_computed_tokens`` up to ``num_tokens``":
+    a fresh prompt, a prefill chunk, a prefix-cache hit and a decode step all look alike.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    # Generation ends with "length" once the sequence holds this many tokens.
+    max_num_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Prompt logprobs, one entry per prompt token after the first (when requested).
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hit at first schedule (stats)
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None
+    # Chained hashes of this request's full blocks, filled as blocks fill up.
+    block_hashes: list[int] = field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = () if self.sampling_params.ignore_eos else self.eos_token_ids
+        return tuple(dict.fromkeys((*eos, *self.sampling_params.stop_token_ids)))
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        # Prompt logprobs need every prompt position's logits, so such prompts are recomputed.
+        return self.sampling_params.prompt_logprobs is None
+
+    def check_stop(self) -> RequestStatus | None:
+        """Stop conditions that depend on token ids alone (stop strings are the detokenizer's)."""
+        params = self.sampling_params
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and last in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if last in params.stop_token_ids:
+                self.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and self.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if self.num_tokens >= self.max_num_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None

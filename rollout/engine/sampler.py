@@ -1,0 +1,155 @@
+"""Sampler: logits of the last position of each request -> one token per request.
+
+Processing order (see ``SamplingParams``): banned tokens, temperature, min-p, top-k,
+top-p. Every mask writes ``-inf`` into fp32 logits; the "processed distribution" is the
+softmax of what is left, and all returned logprobs come from its log-softmax.
+
+Random rows sample with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``
+(equivalent to Gumbel-max). A seeded row draws its ``q`` from its own generator only, so
+its samples do not depend on the rest of the batch; the global RNG is never used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Same threshold as SamplingParams.greedy: rows below it are argmax, untempered.
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [num_reqs] fp32; 0.0 for greedy rows
+    top_k: torch.Tensor | None  # [num_reqs] int64; 0 disables the row; None: no row uses it
+    top_p: torch.Tensor | None  # [num_reqs] fp32; 1.0 disables the row; None: no row uses it
+    min_p: torch.Tensor | None  # [num_reqs] fp32; 0.0 disables the row; None: no row uses it
+    generators: dict[int, torch.Generator]  # req_idx -> that request's own generator
+    default_generator: torch.Generator | None  # for random rows not in ``generators``
+    all_greedy: bool  # every row greedy: no noise drawn
+    max_num_logprobs: int | None  # k top logprobs returned for every row (None: none)
+    banned_token_ids: dict[int, list[int]]  # req_idx -> token ids forbidden this step
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [num_reqs] int64
+    sampled_logprobs: torch.Tensor  # [num_reqs] fp32, under the processed distribution
+    sampled_ranks: torch.Tensor  # [num_reqs] int64, 1 = most likely
+    topk_token_ids: torch.Tensor | None  # [num_reqs, k] int64, most likely first
+    topk_logprobs: torch.Tensor | None  # [num_reqs, k] fp32; -inf entries are masked tokens
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Logprob and 1-based rank of ``token_ids`` in ``logprobs`` [N, vocab], plus the top ``k``.
+
+    The rank counts strictly more likely tokens, so a token tied for first has rank 1.
+    """
+    token_logprobs = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)  # [N]
+    ranks = (logprobs > token_logprobs[:, None]).sum(-1) + 1  # [N] int64
+    if k == 0:
+        return token_logprobs, ranks, None, None
+    topk_logprobs, topk_ids = logprobs.topk(k, dim=-1)  # [N, k] each
+    return token_logprobs, ranks, topk_ids, topk_logprobs
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask tokens whose prob is below ``min_p`` times the row's top prob."""
+    if min_p is None:
+        return logits
+    probs = logits.softmax(-1)  # [num_reqs, vocab]
+    threshold = probs.amax(-1, keepdim=True) * min_p[:, None]  # [num_reqs, 1]; 0 keeps all
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep each row's ``top_k`` largest logits (ties kept), then its top-``top_p`` nucleus."""
+    if top_p is None:
+        return logits if top_k is None else _apply_top_k_only(logits, top_k)
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_ids = logits.sort(dim=-1)  # [num_reqs, vocab] ascending
+    if top_k is not None:
+        k = top_k.clamp(max=vocab)
+        # Disabled rows (k = 0) compare against their smallest logit, which masks nothing.
+        kth_pos = torch.where(k > 0, vocab - k, 0)  # [num_reqs]
+        kth = sorted_logits.gather(-1, kth_pos[:, None])  # [num_reqs, 1]
+        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
+    cum_probs = sorted_logits.softmax(-1).cumsum(-1)  # [num_reqs, vocab]
+    # A token is dropped when the strictly more likely tokens already reach top_p.
+    drop = cum_probs <= 1 - top_p[:, None]
+    drop[:, -1] = False  # the most likely token always stays
+    # Rows with top_p = 1 stay untouched even where fp32 probs underflow to 0.
+    drop &= (top_p < 1)[:, None]
+    sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, sorted_ids, sorted_logits)
+
+
+def _apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Top-k without a full sort: ``torch.topk`` up to the largest k in the batch."""
+    k = top_k.clamp(max=logits.shape[-1])  # [num_reqs]
+    # One host sync: topk needs a Python int. Disabled rows don't raise it.
+    max_k = int(k.max())
+    if max_k <= 0:
+        return logits
+    top_values = logits.topk(max_k, dim=-1).values  # [num_reqs, max_k] descending
+    kth = top_values.gather(-1, (k.clamp(min=1) - 1)[:, None])  # [num_reqs, 1]
+    kth.masked_fill_((k <= 0)[:, None], float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+class Sampler:
+    """Stateless: everything a step needs comes in ``SamplingMetadata``."""
+
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        # A copy, so the caller's logits (maybe reused for prompt logprobs) stay raw.
+        logits = logits.to(torch.float32, copy=True)  # [num_reqs, vocab]
+        _ban_tokens(logits, md.banned_token_ids)
+        greedy = md.temperature < _GREEDY_EPS  # [num_reqs] bool
+        if not md.all_greedy:
+            # Greedy rows report the untempered distribution.
+            temperature = torch.where(greedy, 1.0, md.temperature)  # [num_reqs]
+            logits.div_(temperature[:, None])
+        logits = apply_min_p(logits, md.min_p)
+        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+        logprobs = logits.log_softmax(-1)  # [num_reqs, vocab]
+
+        sampled = logits.argmax(-1)  # [num_reqs] int64
+        if not md.all_greedy:
+            q = _exponential_noise(logits, md)  # [num_reqs, vocab]
+            raced = logits.softmax(-1).div_(q).argmax(-1)  # [num_reqs]
+            sampled = torch.where(greedy, sampled, raced)
+
+        k = md.max_num_logprobs or 0
+        token_logprobs, ranks, topk_ids, topk_logprobs = gather_logprobs(logprobs, sampled, k)
+        return SamplerOutput(sampled, token_logprobs, ranks, topk_ids, topk_logprobs)
+
+
+def _ban_tokens(logits: torch.Tensor, banned_token_ids: dict[int, list[int]]) -> None:
+    """Write -inf at banned (row, token) pairs, in place. Scales with banned ids, not vocab."""
+    if not banned_token_ids:
+        return
+    rows = [row for row, ids in banned_token_ids.items() for _ in ids]
+    cols = [tok for ids in banned_token_ids.values() for tok in ids]
+    rows_t = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    cols_t = torch.tensor(cols, dtype=torch.long, device=logits.device)
+    logits[rows_t, cols_t] = float("-inf")
+
+
+def _exponential_noise(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Exp(1) noise [num_reqs, vocab]: seeded rows from their own generator, rest batched."""
+    q = torch.empty_like(logits)
+    if len(md.generators) < logits.shape[0]:
+        if md.default_generator is None:
+            raise ValueError("default_generator is required when some row has no generator")
+        q.exponential_(generator=md.default_generator)
+    for row, gen in md.generators.items():
+        # Same draw as torch.empty(vocab).exponential_(generator=gen): a row's stream
+        # depends only on its generator, never on batch size or order.
+        q[row].exponential_(generator=gen)
+    # Exp draws can be exactly 0; keep probs / q finite so a masked token (prob 0) never wins.
+    return q.clamp_min_(torch.finfo(q.dtype).tiny)

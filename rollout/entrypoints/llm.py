@@ -1,0 +1,164 @@
+"""LLM: the user-facing engine, with vLLM's names."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rollout.config import CacheConfig, resolve_dtype
+from rollout.engine.input_processor import InputProcessor, expand_params, split_prompts
+from rollout.engine.kv_cache import KVCacheManager
+from rollout.engine.llm_engine import LLMEngine, default_num_blocks
+from rollout.engine.model_runner import ModelRunner
+from rollout.engine.scheduler import Scheduler, SchedulerConfig
+from rollout.entrypoints.model_source import ModelSource
+from rollout.errors import InvalidRequestError
+from rollout.models.loader import build_model
+from rollout.outputs import RequestOutput
+from rollout.platforms import get_platform
+from rollout.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_BATCHED_TOKENS = 8192
+
+
+class LLM:
+    """An inference engine in this process, on one device.
+
+    ``model`` is a path to an HF model directory (config.json + *.safetensors) or a live HF
+    ``PreTrainedModel`` (its weights are copied). ``tokenizer`` is a path or tokenizer
+    object; by default the model directory's, and without one prompts must be token ids.
+    ``num_kv_blocks`` (or ``kv_cache_memory_bytes``) sizes the KV cache; otherwise the
+    platform decides (``gpu_memory_utilization`` of the device on GPU).
+
+    Example::
+
+        llm = LLM("path/to/model", dtype="bfloat16")
+        outs = llm.generate(["Hello"], SamplingParams(n=4, temperature=1.0, logprobs=0))
+        outs[0].outputs[0].text, outs[0].outputs[0].token_logprobs
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+    ) -> None:
+        t0 = time.perf_counter()
+        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise InvalidRequestError("seed", seed, "an int")
+        self.platform = get_platform(device)
+        self.device = self.platform.parse_device(device)
+        source = ModelSource.from_arg(model)
+        hf_config = source.hf_config
+        self.dtype = resolve_dtype(dtype, source.checkpoint_dtype())
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if max_model_len is None:
+            max_model_len = max_pos
+        elif not isinstance(max_model_len, int) or not 2 <= max_model_len <= max_pos:
+            raise InvalidRequestError("max_model_len", max_model_len, f"an int in [2, {max_pos}] (the model's max_position_embeddings)")
+        self.max_model_len = max_model_len
+        self.enforce_eager = enforce_eager
+
+        self.model = build_model(hf_config, self.dtype, self.device)
+        source.load_weights(self.model)
+        self.tokenizer = source.load_tokenizer(tokenizer)
+        eos_ids = source.eos_token_ids(self.tokenizer)
+        self.hf_config = hf_config
+
+        sched_config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or max(_DEFAULT_MAX_BATCHED_TOKENS, 1),
+            max_model_len=max_model_len,
+        )
+        runner = ModelRunner(
+            self.model, self.platform, self.device, block_size=block_size, max_num_reqs=max_num_seqs,
+            max_model_len=max_model_len, seed=seed,
+        )
+        num_blocks = default_num_blocks(
+            runner, self.platform, self.device, num_kv_blocks=num_kv_blocks,
+            kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
+        )
+        runner.init_kv_cache(num_blocks)
+        kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.engine = LLMEngine(runner, Scheduler(sched_config, kv), self.tokenizer, eos_ids, self.platform)
+        self.input_processor = InputProcessor(
+            self.tokenizer, hf_config.vocab_size, max_model_len, self.engine.max_num_tokens
+        )
+        self._request_counter = itertools.count()
+        logger.info(
+            "rollout LLM ready in %.1fs: %s %s on %s, %d KV blocks x %d tokens, max_model_len %d",
+            time.perf_counter() - t0, hf_config.architectures, self.dtype, self.device, num_blocks,
+            block_size, max_model_len,
+        )
+
+    def get_tokenizer(self) -> Any | None:
+        return self.tokenizer
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: later prompts recompute their KV."""
+        self.engine.reset_prefix_cache()
+
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate completions for a batch of prompts; blocks until all have finished.
+
+        ``prompts``: a str, a list of str, a list of token ids, a list of token-id lists, or
+        dicts ``{"prompt_token_ids": [...]}``. ``sampling_params``: one for all prompts or
+        one per prompt. Every prompt and parameter is validated before any work starts, so an
+        ``InvalidRequestError`` leaves the engine as it was. Returns one RequestOutput per
+        prompt, in prompt order.
+        """
+        items = split_prompts(prompts)
+        params = expand_params(sampling_params, len(items))
+        processed = [self.input_processor.process(p, i) for i, p in enumerate(items)]
+        request_ids = [str(next(self._request_counter)) for _ in processed]
+        for rid, pp, sp in zip(request_ids, processed, params):
+            self.engine.add_request(rid, pp.prompt, pp.token_ids, sp)
+        results: dict[str, RequestOutput] = {}
+        bar = _progress_bar(use_tqdm, len(request_ids))
+        try:
+            while len(results) < len(request_ids):
+                for out in self.engine.step():
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            for rid in request_ids:
+                if rid not in results:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in request_ids]
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="prompt", dynamic_ncols=True)

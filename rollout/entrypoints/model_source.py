@@ -1,0 +1,85 @@
+"""Where an LLM's config, weights, tokenizer and EOS ids come from: a directory or a live module."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rollout.errors import CheckpointError, InvalidRequestError
+from rollout.models.loader import checkpoint_files, load_checkpoint, load_named_tensors
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class ModelSource:
+    hf_config: Any
+    path: Path | None = None
+    module: nn.Module | None = None
+
+    @classmethod
+    def from_arg(cls, model: Any) -> ModelSource:
+        if isinstance(model, nn.Module):
+            if not hasattr(model, "config"):
+                raise InvalidRequestError("model", type(model).__name__, "an HF PreTrainedModel (with .config) or a directory path")
+            return cls(model.config, module=model)
+        if isinstance(model, (str, Path)):
+            path = Path(model)
+            if not (path / "config.json").is_file():
+                raise CheckpointError(f"{str(path)!r} is not an HF model directory (no config.json)")
+            checkpoint_files(path)  # refuse pickle-only or empty checkpoints before any work
+            from transformers import AutoConfig
+
+            return cls(AutoConfig.from_pretrained(path), path=path)
+        raise InvalidRequestError("model", model, "a path to an HF model directory or an HF PreTrainedModel")
+
+    def checkpoint_dtype(self) -> torch.dtype | None:
+        if self.module is not None:
+            return next(self.module.parameters()).dtype
+        dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        return dtype if isinstance(dtype, torch.dtype) else None
+
+    def load_weights(self, model: nn.Module) -> int:
+        if self.path is not None:
+            return load_checkpoint(model, self.path)
+        state = self.module.state_dict()
+        shapes = [(name, t.shape, t.dtype) for name, t in state.items()]
+        return load_named_tensors(model, shapes, state.values(), require_all=True)
+
+    def load_tokenizer(self, tokenizer: Any) -> Any | None:
+        """``tokenizer``: a path, a tokenizer object, or None (the model directory's, if any)."""
+        if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+            return tokenizer
+        from transformers import AutoTokenizer
+
+        if tokenizer is None:
+            if self.path is None or not any((self.path / f).exists() for f in _TOKENIZER_FILES):
+                return None
+            tokenizer = self.path
+        return AutoTokenizer.from_pretrained(tokenizer)
+
+    def eos_token_ids(self, tokenizer: Any | None) -> tuple[int, ...]:
+        """EOS ids from the generation config, else the model config, else the tokenizer."""
+        eos = None
+        if self.module is not None and getattr(self.module, "generation_config", None) is not None:
+            eos = self.module.generation_config.eos_token_id
+        elif self.path is not None and (self.path / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(self.path).eos_token_id
+        if eos is None:
+            eos = getattr(self.hf_config, "eos_token_id", None)
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)

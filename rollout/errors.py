@@ -1,0 +1,57 @@
+"""Typed errors raised by rollout.
+
+Every error is raised before any work is done for the call that caused it, names what was
+wrong and what is allowed, and leaves the engine usable for the next call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RolloutError(Exception):
+    """Base class of every error rollout raises on purpose."""
+
+
+class InvalidRequestError(RolloutError, ValueError):
+    """A prompt or a sampling parameter is invalid.
+
+    ``field`` names the offending argument, ``value`` is what was given and ``allowed``
+    says what would have been accepted.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: str, detail: str = "") -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        shown = repr(value)
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        msg = f"invalid {field}={shown}: allowed {allowed}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+class UnsupportedModelError(RolloutError, ValueError):
+    """The model's architecture has no implementation in the model registry."""
+
+
+class CheckpointError(RolloutError, ValueError):
+    """A checkpoint is missing, not safetensors, or has missing/extra/misshaped tensors."""
+
+
+class WeightUpdateError(RolloutError, ValueError):
+    """A weight update named an unknown tensor or gave a wrong shape; nothing was changed."""
+
+
+class EngineSleepingError(RolloutError, RuntimeError):
+    """The call needs memory that is released by ``sleep``; call ``wake_up`` first."""
+
+
+class WakeOOMError(RolloutError, MemoryError):
+    """``wake_up`` could not get its memory back; nothing was left half-mapped."""
+
+
+class PlatformError(RolloutError, RuntimeError):
+    """No platform matches the requested device, or a platform plugin failed to load."""

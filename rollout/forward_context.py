@@ -1,0 +1,63 @@
+"""The per-step forward context: the one global, set by the model runner, read by attention.
+
+It carries what every attention layer of one forward needs (paged-attention metadata and
+the KV cache views) without threading it through every model's ``forward`` signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes
+    block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, cumulative query lengths
+    seq_lens: torch.Tensor  # [num_reqs] int32, context + new tokens
+    query_start_loc_cpu: torch.Tensor  # host mirrors, for kernels that loop or size grids
+    seq_lens_cpu: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass
+class AttentionBackend:
+    """The kernels attention layers call; the platform picks them."""
+
+    name: str
+    write_kv: Callable[..., None]
+    attention: Callable[..., torch.Tensor]  # (q, kv_cache, AttentionMetadata, scale) -> out
+
+
+@dataclass
+class ForwardContext:
+    attn_metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+    backend: AttentionBackend
+
+
+_current: ForwardContext | None = None
+
+
+@contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
+    """Install ``ctx`` for one forward. Refuses to nest: a nested forward is a bug."""
+    global _current
+    if _current is not None:
+        raise RuntimeError("forward context is already set: forwards may not nest")
+    _current = ctx
+    try:
+        yield
+    finally:
+        _current = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _current is None:
+        raise RuntimeError("no forward context: attention layers run only inside the model runner")
+    return _current

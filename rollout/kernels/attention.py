@@ -1,0 +1,58 @@
+"""Paged attention, torch reference: mixed prefill chunks and decodes in one call."""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_ref(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, block_id * block_size + offset
+) -> None:
+    """Scatter this step's K/V into their slots."""
+    k_flat = kv_cache[0].view(-1, *kv_cache.shape[-2:])
+    v_flat = kv_cache[1].view(-1, *kv_cache.shape[-2:])
+    k_flat.index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    v_flat.index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def paged_attention_ref(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks_per_req] int
+    query_start_loc_cpu: torch.Tensor,  # [num_reqs + 1] int, host
+    seq_lens_cpu: torch.Tensor,  # [num_reqs] int, host: context + this step's tokens
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each request's new tokens over its whole cached sequence.
+
+    Request i owns query rows ``query_start_loc[i]:query_start_loc[i+1]``; they are the
+    last ``q_len`` positions of its ``seq_len`` tokens, so a decode (q_len 1), a fresh
+    prompt (q_len == seq_len) and a chunk after a prefix hit are the same computation.
+    """
+    block_size = kv_cache.shape[2]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = query_start_loc_cpu.tolist()
+    for i, seq_len in enumerate(seq_lens_cpu.tolist()):
+        q = query[starts[i] : starts[i + 1]]
+        q_len = q.shape[0]
+        num_blocks = -(-seq_len // block_size)
+        blocks = block_tables[i, :num_blocks].long()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        # [heads, q_len, seq_len]: query j sits at position seq_len - q_len + j.
+        qh = q.transpose(0, 1).float()
+        kh = k.transpose(0, 1).float().repeat_interleave(group, dim=0)
+        vh = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
+        scores = torch.matmul(qh, kh.transpose(1, 2)) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        k_pos = torch.arange(seq_len, device=query.device)
+        scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[starts[i] : starts[i + 1]] = torch.matmul(probs, vh).transpose(0, 1).to(query.dtype)
+    return out

@@ -1,0 +1,1 @@
+"""Building blocks of the model implementations; parameters carry their own weight loaders."""

@@ -1,0 +1,113 @@
+"""Linear layers whose parameters load HF tensors themselves (fused shards, TP slices).
+
+Every parameter gets two attributes used by ``rollout.models.weights``:
+- ``hf_shape(shard_id) -> torch.Size``: the full HF tensor shape that shard expects,
+  so names and shapes are validated before anything is copied;
+- ``weight_loader(param, tensor, shard_id)``: copies one HF tensor in place (never rebinds).
+A ``shard_id`` names a part of a fused parameter ("q", "k", "v" or 0, 1); None means whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
+def _attach(param: nn.Parameter, hf_shape: Callable, loader: Callable) -> nn.Parameter:
+    param.hf_shape = hf_shape
+    param.weight_loader = loader
+    return param
+
+
+class LinearBase(nn.Module):
+    """``y = x W^T (+ b)`` with W [out_local, in_local]; subclasses define the loaders."""
+
+    def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = _param((out_local, in_local), dtype)
+        self.bias = _param((out_local,), dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnLinear(LinearBase):
+    """Output features split across ``tp_size`` ranks (a fused layer stacks several outputs)."""
+
+    def __init__(
+        self, in_features: int, out_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
+        tp_rank: int = 0, tp_size: int = 1, shard_ids: Sequence[str | int] | None = None,
+    ) -> None:
+        for size in out_sizes:
+            assert size % tp_size == 0, f"output size {size} not divisible by tp_size {tp_size}"
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.out_sizes = list(out_sizes)
+        self.shard_ids = list(shard_ids) if shard_ids is not None else None
+        super().__init__(in_features, sum(out_sizes) // tp_size, bias, dtype)
+        self.in_features = in_features
+        _attach(self.weight, lambda s: torch.Size((self._full(s), in_features)), self._load)
+        if self.bias is not None:
+            _attach(self.bias, lambda s: torch.Size((self._full(s),)), self._load)
+
+    def _index(self, shard_id: str | int | None) -> int:
+        if self.shard_ids is None:
+            if shard_id is not None:
+                raise KeyError(f"unfused layer got shard {shard_id!r}")
+            return 0
+        return self.shard_ids.index(shard_id)
+
+    def _full(self, shard_id: str | int | None) -> int:
+        return self.out_sizes[self._index(shard_id)]
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        idx = self._index(shard_id)
+        local = self.out_sizes[idx] // self.tp_size
+        offset = sum(self.out_sizes[:idx]) // self.tp_size
+        src = loaded.narrow(0, self.tp_rank * local, local)
+        param.data.narrow(0, offset, local).copy_(src)
+
+
+class QKVLinear(ColumnLinear):
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+        dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
+    ) -> None:
+        sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+        super().__init__(hidden, sizes, bias, dtype, tp_rank, tp_size, shard_ids=("q", "k", "v"))
+        self.q_size, self.kv_size = sizes[0] // tp_size, sizes[1] // tp_size
+
+
+class RowLinear(LinearBase):
+    """Input features split across ranks; the partial sums are all-reduced by the caller's
+    group (tensor parallelism) before the bias is added."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+        tp_rank: int = 0, tp_size: int = 1,
+    ) -> None:
+        assert in_features % tp_size == 0
+        super().__init__(in_features // tp_size, out_features, bias, dtype)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        _attach(self.weight, lambda s: torch.Size((out_features, in_features)), self._load_weight)
+        if self.bias is not None:
+            _attach(self.bias, lambda s: torch.Size((out_features,)), _copy_whole)
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:
+        local = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp_rank * local, local))
+
+
+def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:
+    param.data.copy_(loaded)
+
+
+def replicated_param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    """A parameter every rank holds whole (norm weights)."""
+    return _attach(_param(shape, dtype), lambda s: torch.Size(shape), _copy_whole)

@@ -1,0 +1,19 @@
+"""RMSNorm module over the kernel reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rollout.kernels.layernorm import rms_norm_ref
+from rollout.models.layers.linear import replicated_param
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = replicated_param((hidden,), dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm_ref(x, self.weight, self.eps, residual)

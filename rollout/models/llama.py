@@ -1,0 +1,142 @@
+"""Llama-family decoder (Llama, and through flags Qwen2 and Qwen3), built from an HF config.
+
+Module names mirror HF's so that HF parameter names map 1:1, except the fused
+``qkv_proj`` and ``gate_up_proj`` (see ``packed_modules_mapping``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rollout.errors import UnsupportedModelError
+from rollout.kernels.activation import silu_and_mul_ref
+from rollout.models.layers.attention import Attention
+from rollout.models.layers.embedding import LMHead, VocabEmbedding
+from rollout.models.layers.linear import ColumnLinear, QKVLinear, RowLinear
+from rollout.models.layers.norm import RMSNorm
+from rollout.models.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+class DecoderAttention(nn.Module):
+    def __init__(
+        self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
+    ) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        # Llama and Qwen3 put ``attention_bias`` on q/k/v/o; Qwen2 biases q/k/v only.
+        o_bias = getattr(config, "attention_bias", False)
+        self.qkv_proj = QKVLinear(hidden, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, dtype)
+        self.o_proj = RowLinear(self.num_heads * self.head_dim, hidden, o_bias, dtype)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
+        self.rotary_emb = rotary  # one cos/sin cache shared by every layer
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(h)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: silu")
+        bias = getattr(config, "mlp_bias", False)
+        inter = config.intermediate_size
+        self.gate_up_proj = ColumnLinear(config.hidden_size, (inter, inter), bias, dtype, shard_ids=(0, 1))
+        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul_ref(self.gate_up_proj(h)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
+    ) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = DecoderAttention(config, layer_idx, dtype, qkv_bias, qk_norm, rotary)
+        self.mlp = MLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+
+    def forward(
+        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            h, residual = layer(positions, h, residual)
+        h, _ = self.norm(h, residual)
+        return h
+
+
+class LlamaForCausalLM(nn.Module):
+    """HF ``LlamaForCausalLM``: rope (default/linear/llama3), tied or untied embeddings."""
+
+    qkv_bias = False
+    qk_norm = False
+    # Engine parameter -> the HF sub-modules fused into it, in shard order.
+    packed_modules_mapping = {
+        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+    }
+
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        self.model = DecoderModel(config, dtype, qkv_bias, self.qk_norm)
+        tied = getattr(config, "tie_word_embeddings", False)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, self.model.embed_tokens if tied else None)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.model.layers[0].self_attn.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.model.layers[0].self_attn.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,88 @@
+"""Building a model from an HF config and loading HF weights into it (safetensors only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from rollout.errors import CheckpointError
+from rollout.models.registry import resolve_model_class
+from rollout.models.weights import WeightMap, copy_weights, plan_load
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAX_LISTED = 10
+
+
+def build_model(config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """An uninitialised model for ``config`` on ``device`` (weights come from a loader)."""
+    cls = resolve_model_class(getattr(config, "architectures", None))
+    with torch.device(device):
+        model = cls(config, dtype)
+    return model.eval()
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise CheckpointError(
+            f"{str(path)!r} holds only pickle checkpoints ({', '.join(pickled[:3])}); "
+            "refused: rollout loads safetensors only (re-save with save_pretrained(safe_serialization=True))"
+        )
+    raise CheckpointError(f"no *.safetensors files in {str(path)!r}")
+
+
+def load_named_tensors(
+    model: nn.Module,
+    shapes: list[tuple[str, torch.Size, torch.dtype]],
+    tensors: Iterable[torch.Tensor],
+    *,
+    require_all: bool,
+    error_cls: type[Exception] = CheckpointError,
+) -> int:
+    """Validate ``shapes`` against the model, then stream ``tensors`` (same order) into it.
+
+    Raises ``error_cls`` listing the problems before anything is copied. Returns the
+    number of tensors loaded.
+    """
+    targets, problems = plan_load(WeightMap(model), shapes, require_all=require_all)
+    if problems:
+        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+        raise error_cls("; ".join(problems[:_MAX_LISTED]) + more)
+    wanted = {t.hf_name for t in targets}
+    copy_weights(targets, (t for name, t in zip((s[0] for s in shapes), tensors) if name in wanted))
+    return len(targets)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> int:
+    """Load every tensor of a safetensors checkpoint directory; all-or-nothing on errors."""
+    files = checkpoint_files(path)
+    shapes = []
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                shapes.append((name, torch.Size(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8)))
+    return load_named_tensors(model, shapes, _stream(files), require_all=True)
+
+
+def _stream(files: list[Path]) -> Iterator[torch.Tensor]:
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                yield st.get_tensor(name)

@@ -1,0 +1,131 @@
+"""The one HF-name -> engine-parameter mapping, used by checkpoint loading and weight updates.
+
+Loading is a transaction in two phases: every name and shape is resolved and validated
+first (no tensor touched), then each tensor is copied in place through its parameter's
+``weight_loader``. A bad name or shape therefore changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# HF checkpoints of older transformers versions carry these buffers; they are recomputed.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    hf_name: str
+    param_name: str
+    param: nn.Parameter
+    shard_id: str | int | None
+
+    @property
+    def expected_shape(self) -> torch.Size:
+        return self.param.hf_shape(self.shard_id)
+
+
+class WeightMap:
+    """Resolves HF names of one model (``packed_modules_mapping`` says which HF modules are
+    fused into which engine module, and in which shard). Tied parameters answer to both names."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        self._unfused: dict[str, tuple[str, str | int]] = {}
+        for fused, parts in getattr(model, "packed_modules_mapping", {}).items():
+            for hf_part, shard_id in parts:
+                self._unfused[hf_part] = (fused, shard_id)
+        # What a full checkpoint must cover: each distinct parameter, each of its shards.
+        self.required: dict[tuple[int, str | int | None], str] = {}
+        seen: set[int] = set()
+        for name, param in self._params.items():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            for shard in self._shards_of(name):
+                self.required[(id(param), shard)] = self._hf_name(name, shard)
+
+    def resolve(self, hf_name: str) -> WeightTarget | None:
+        """The target of ``hf_name``, or None when the model has no such weight."""
+        parts = hf_name.split(".")
+        for i, part in enumerate(parts):
+            if part in self._unfused:
+                fused, shard_id = self._unfused[part]
+                name = ".".join(parts[:i] + [fused] + parts[i + 1 :])
+                param = self._params.get(name)
+                return None if param is None else WeightTarget(hf_name, name, param, shard_id)
+        param = self._params.get(hf_name)
+        return None if param is None else WeightTarget(hf_name, hf_name, param, None)
+
+    @staticmethod
+    def is_ignored(hf_name: str) -> bool:
+        return hf_name.endswith(_IGNORED_SUFFIXES)
+
+    def _shards_of(self, name: str) -> list[str | int | None]:
+        shards = [s for (fused, s) in self._unfused.values() if f".{fused}." in f".{name}."]
+        return shards or [None]
+
+    def _hf_name(self, name: str, shard: str | int | None) -> str:
+        if shard is None:
+            return name
+        for hf_part, (fused, s) in self._unfused.items():
+            if s == shard and f".{fused}." in f".{name}.":
+                return name.replace(f".{fused}.", f".{hf_part}.")
+        return name
+
+
+def plan_load(
+    weight_map: WeightMap,
+    named_shapes: Iterable[tuple[str, torch.Size, torch.dtype]],
+    *,
+    require_all: bool,
+) -> tuple[list[WeightTarget], list[str]]:
+    """Validate names and shapes without touching any tensor.
+
+    Returns (targets in input order, problems). Problems name each unknown, misshaped,
+    non-floating, duplicated or (with ``require_all``) missing tensor.
+    """
+    targets: list[WeightTarget] = []
+    problems: list[str] = []
+    covered: set[tuple[int, str | int | None]] = set()
+    for hf_name, shape, dtype in named_shapes:
+        if WeightMap.is_ignored(hf_name):
+            continue
+        target = weight_map.resolve(hf_name)
+        if target is None:
+            problems.append(f"unexpected tensor {hf_name!r} (shape {tuple(shape)}): the model has no such weight")
+            continue
+        if tuple(shape) != tuple(target.expected_shape):
+            problems.append(
+                f"tensor {hf_name!r} has shape {tuple(shape)}, expected {tuple(target.expected_shape)}"
+            )
+            continue
+        if not dtype.is_floating_point:
+            problems.append(f"tensor {hf_name!r} has dtype {dtype}, expected a floating-point dtype")
+            continue
+        key = (id(target.param), target.shard_id)
+        if key in covered and not _is_tied_alias(weight_map, key, hf_name):
+            problems.append(f"tensor {hf_name!r} given twice")
+            continue
+        covered.add(key)
+        targets.append(target)
+    if require_all:
+        missing = [name for key, name in weight_map.required.items() if key not in covered]
+        problems.extend(f"missing tensor {name!r}" for name in missing)
+    return targets, problems
+
+
+def _is_tied_alias(weight_map: WeightMap, key: tuple, hf_name: str) -> bool:
+    # A tied model may receive both "lm_head.weight" and the embedding: same data, accept.
+    return weight_map.required.get(key) != hf_name
+
+
+def copy_weights(targets: list[WeightTarget], tensors: Iterable[torch.Tensor]) -> None:
+    """Phase two: copy each (already validated) tensor into its parameter, in place."""
+    with torch.no_grad():
+        for target, tensor in zip(targets, tensors, strict=True):
+            target.param.weight_loader(target.param, tensor, target.shard_id)

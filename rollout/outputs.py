@@ -1,0 +1,57 @@
+"""Public output types, shaped like vLLM's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """One entry of a per-step logprobs dict: fp32 logprob, 1-based rank, decoded text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per generated (or prompt) position: token id -> Logprob.
+SampleLogprobs = list[dict[int, Logprob]]
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
+class CompletionOutput:
+    """One of a prompt's ``n`` samples.
+
+    ``token_logprobs[i]`` is the logprob of ``token_ids[i]`` under the distribution it was
+    sampled from (after temperature, min-p, top-k, top-p), in fp32: what an RL trainer uses
+    as the old policy. It is filled whenever ``SamplingParams.logprobs`` is not None;
+    ``logprobs`` then holds vLLM's per-step dicts (the sampled token plus the top k).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: SampleLogprobs | None = None
+    token_logprobs: list[float] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """All samples of one prompt, in prompt order within ``LLM.generate``'s result."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first sample)
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,116 @@
+"""SamplingParams: vLLM's field names and meanings, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rollout.errors import InvalidRequestError
+
+_GREEDY_EPS = 1e-5
+# Bound on top-logprobs per step: each one costs a dict entry per generated token.
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one prompt's completions.
+
+    Field names and meanings follow vLLM. ``temperature=0`` is greedy. ``top_k`` 0 or -1
+    disables top-k. ``max_tokens=None`` generates until a stop condition or the model length.
+
+    ``logprobs=k`` returns, per generated token, the sampled token's logprob plus the ``k``
+    most likely tokens (``k=0``: the sampled token only) and fills
+    ``CompletionOutput.token_logprobs``. These are fp32 log-probabilities under the
+    distribution actually sampled from: after temperature, min-p, top-k and top-p, in that
+    order, with banned tokens (stop tokens before ``min_tokens``) removed. Greedy requests
+    report the untempered distribution after the same filters.
+
+    ``prompt_logprobs=k`` returns, per prompt token after the first, the model's raw
+    log-softmax (no temperature or filters) of that token and the ``k`` most likely ones;
+    such a prompt is always recomputed rather than read from the prefix cache.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    detokenize: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, allowed: str) -> InvalidRequestError:
+            return InvalidRequestError(f"SamplingParams.{name}", getattr(self, name), allowed)
+
+        if not _is_int(self.n) or self.n < 1:
+            raise bad("n", "an int >= 1")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "a finite float >= 0 (0 is greedy)")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "a float in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "an int >= 1, or 0 / -1 to disable")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "a float in [0, 1]")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
+            raise bad("seed", "None or a 64-bit int")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "None or an int >= 1")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", "an int >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"an int <= max_tokens={self.max_tokens}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "a non-empty str or a list of non-empty str")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of token ids (ints >= 0)")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"None or an int in [0, {MAX_LOGPROBS}]")
+        for name in ("ignore_eos", "skip_special_tokens", "detokenize", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
+        if self.stop and not self.detokenize:
+            raise bad("stop", "empty when detokenize=False (stop strings need text)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The params of the ``index``-th of ``n`` samples: n=1 and, if seeded, seed + index."""
+        from dataclasses import replace
+
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.models import VARIANTS, build_model_dir
+from tests.helpers.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer_dir):
+    """name -> directory of a tiny random model (config, safetensors, tokenizer)."""
+    return {
+        name: build_model_dir(name, tmp_path_factory.mktemp(name), tokenizer_dir)
+        for name in VARIANTS
+    }
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs):
+    return model_dirs["llama"]
