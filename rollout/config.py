@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
         return dtype
     if dtype == "auto":
         return checkpoint_dtype if checkpoint_dtype in _DTYPES.values() else torch.float32
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise InvalidRequestError("dtype", dtype, f"one of {list(_DTYPES)}, 'auto' or a torch.dtype")
     return _DTYPES[dtype]
 
@@ -41,11 +42,21 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size < 1:
+        if not _is_int(self.block_size) or self.block_size < 1:
             raise InvalidRequestError("block_size", self.block_size, "an int >= 1")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+        if self.num_kv_blocks is not None and (not _is_int(self.num_kv_blocks) or self.num_kv_blocks < 1):
             raise InvalidRequestError("num_kv_blocks", self.num_kv_blocks, "None or an int >= 1")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+        if self.kv_cache_memory_bytes is not None and (
+            not _is_int(self.kv_cache_memory_bytes) or self.kv_cache_memory_bytes < 1
+        ):
             raise InvalidRequestError("kv_cache_memory_bytes", self.kv_cache_memory_bytes, "None or an int >= 1")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if not _is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidRequestError("gpu_memory_utilization", self.gpu_memory_utilization, "a float in (0, 1]")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -53,14 +53,20 @@ class SamplingParams:
             self.stop = [self.stop]
         elif self.stop is None:
             self.stop = []
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if _is_int(self.top_k) and self.top_k == -1:
             self.top_k = 0
-        self._validate()
+        self.validate()
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
+        """Raise InvalidRequestError for the first invalid field (run again on submission,
+        since a dataclass can be changed after construction)."""
+
         def bad(name: str, allowed: str) -> InvalidRequestError:
             return InvalidRequestError(f"SamplingParams.{name}", getattr(self, name), allowed)
 
@@ -70,7 +76,7 @@ class SamplingParams:
             raise bad("temperature", "a finite float >= 0 (0 is greedy)")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "a float in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise bad("top_k", "an int >= 1, or 0 / -1 to disable")
         if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "a float in [0, 1]")
@@ -82,9 +88,9 @@ class SamplingParams:
             raise bad("min_tokens", "an int >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"an int <= max_tokens={self.max_tokens}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "a non-empty str or a list of non-empty str")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "None, a non-empty str or a list of non-empty str")
+        if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of token ids (ints >= 0)")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)

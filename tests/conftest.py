@@ -25,3 +25,11 @@ def model_dirs(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def llama_dir(model_dirs):
     return model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def hf_oracles(model_dirs):
+    """name -> HFOracle (fp32 HF model of that directory, greedy results cached)."""
+    from tests.helpers.hf_oracle import HFOracle
+
+    return {name: HFOracle(path) for name, path in model_dirs.items()}

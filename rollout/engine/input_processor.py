@@ -29,11 +29,17 @@ def split_prompts(prompts: Any) -> list[Any]:
     """One entry per prompt, whatever form the batch came in."""
     if isinstance(prompts, (str, dict)) or _is_token_list(prompts):
         return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        if len(prompts) == 0:
-            raise InvalidRequestError("prompts", prompts, f"a non-empty batch: {_PROMPT_FORMS}")
-        return list(prompts)
-    raise InvalidRequestError("prompts", prompts, _PROMPT_FORMS)
+    if not isinstance(prompts, (list, tuple)):
+        raise InvalidRequestError("prompts", prompts, _PROMPT_FORMS)
+    if len(prompts) == 0:
+        raise InvalidRequestError("prompts", prompts, f"a non-empty batch: {_PROMPT_FORMS}")
+    if any(isinstance(x, (int, float)) for x in prompts):  # meant as one token-id list
+        raise InvalidRequestError("prompts", prompts, f"token ids as ints only (no floats or bools); or {_PROMPT_FORMS}")
+    if any(isinstance(x, str) for x in prompts) and any(isinstance(x, (list, tuple)) for x in prompts):
+        raise InvalidRequestError(
+            "prompts", prompts, "a batch of one form: all str or all token-id lists (dicts may mix)"
+        )
+    return list(prompts)
 
 
 class InputProcessor:
@@ -51,6 +57,8 @@ class InputProcessor:
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
                 text = prompt.get("prompt")
+                if text is not None and not isinstance(text, str):
+                    raise InvalidRequestError(f"{field}['prompt']", text, "None or a str (the prompt's text)")
             elif "prompt" in prompt:
                 text = prompt["prompt"]
                 ids = self._tokenize(text, field)
@@ -61,7 +69,7 @@ class InputProcessor:
             ids = self._tokenize(prompt, field)
         else:
             ids = prompt
-        if isinstance(ids, (list, tuple)) and len(ids) == 0 or text == "":
+        if isinstance(ids, (list, tuple)) and len(ids) == 0:
             raise InvalidRequestError(field, prompt, "a non-empty prompt")
         if not _is_token_list(ids):
             raise InvalidRequestError(field, prompt, _PROMPT_FORMS)
@@ -85,6 +93,8 @@ class InputProcessor:
     def _tokenize(self, text: Any, field: str) -> list[int]:
         if not isinstance(text, str):
             raise InvalidRequestError(field, text, "a str")
+        if text == "":
+            raise InvalidRequestError(field, text, "a non-empty prompt")
         if self.tokenizer is None:
             raise InvalidRequestError(field, text, "token ids: this engine has no tokenizer (pass tokenizer=)")
         return list(self.tokenizer(text).input_ids)
@@ -94,11 +104,14 @@ def expand_params(params: SamplingParams | Sequence[SamplingParams] | None, num_
     if params is None:
         return [SamplingParams()] * num_prompts
     if isinstance(params, SamplingParams):
+        params.validate()  # again: fields may have been changed since construction
         return [params] * num_prompts
     if isinstance(params, (list, tuple)) and all(isinstance(p, SamplingParams) for p in params):
         if len(params) != num_prompts:
             raise InvalidRequestError(
                 "sampling_params", f"<{len(params)} SamplingParams>", f"one SamplingParams or exactly {num_prompts} (one per prompt)"
             )
+        for p in params:
+            p.validate()
         return list(params)
     raise InvalidRequestError("sampling_params", params, "None, a SamplingParams, or a list of them (one per prompt)")

@@ -78,7 +78,7 @@ class LLM:
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
 
-        self.model = build_model(hf_config, self.dtype, self.device)
+        self.model = build_model(hf_config, self.dtype, self.device, source.architectures)
         source.load_weights(self.model)
         self.tokenizer = source.load_tokenizer(tokenizer)
         eos_ids = source.eos_token_ids(self.tokenizer)

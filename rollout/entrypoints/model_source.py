@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,16 @@ class ModelSource:
             if not (path / "config.json").is_file():
                 raise CheckpointError(f"{str(path)!r} is not an HF model directory (no config.json)")
             checkpoint_files(path)  # refuse pickle-only or empty checkpoints before any work
-            from transformers import AutoConfig
-
-            return cls(AutoConfig.from_pretrained(path), path=path)
+            return cls(_read_config(path), path=path)
         raise InvalidRequestError("model", model, "a path to an HF model directory or an HF PreTrainedModel")
+
+    @property
+    def architectures(self) -> list[str] | None:
+        # Configs built in memory (e.g. from a GGUF file) may not record it; the class does.
+        archs = getattr(self.hf_config, "architectures", None)
+        if not archs and self.module is not None:
+            archs = [type(self.module).__name__]
+        return archs
 
     def checkpoint_dtype(self) -> torch.dtype | None:
         if self.module is not None:
@@ -61,11 +68,20 @@ class ModelSource:
             return tokenizer
         from transformers import AutoTokenizer
 
-        if tokenizer is None:
+        given = tokenizer is not None
+        if not given:
             if self.path is None or not any((self.path / f).exists() for f in _TOKENIZER_FILES):
                 return None
             tokenizer = self.path
-        return AutoTokenizer.from_pretrained(tokenizer)
+        try:
+            return AutoTokenizer.from_pretrained(tokenizer)
+        except Exception as e:  # transformers raises OSError, ValueError, ... for these
+            if given:
+                raise InvalidRequestError(
+                    "tokenizer", str(tokenizer), "a tokenizer object or a tokenizer directory AutoTokenizer can load",
+                    f"{type(e).__name__}: {e}",
+                ) from e
+            raise CheckpointError(f"the tokenizer files in {str(tokenizer)!r} do not load: {type(e).__name__}: {e}") from e
 
     def eos_token_ids(self, tokenizer: Any | None) -> tuple[int, ...]:
         """EOS ids from the generation config, else the model config, else the tokenizer."""
@@ -83,3 +99,20 @@ class ModelSource:
         if eos is None:
             return ()
         return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def _read_config(path: Path) -> Any:
+    """The HF config of a model directory. A ``model_type`` transformers does not know (an
+    out-of-tree model's) gives a generic config holding every field; the model registry
+    then decides whether the architecture is supported."""
+    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        if raw.get("model_type") in CONFIG_MAPPING:
+            return AutoConfig.from_pretrained(path)
+        return PretrainedConfig.from_dict(raw)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{str(path / 'config.json')!r} does not load: {type(e).__name__}: {e}") from e

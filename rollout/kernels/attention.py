@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def write_kv_ref(
@@ -55,4 +56,55 @@ def paged_attention_ref(
         scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[starts[i] : starts[i + 1]] = torch.matmul(probs, vh).transpose(0, 1).to(query.dtype)
+    return out
+
+
+def paged_attention_sdpa(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks_per_req] int
+    query_start_loc_cpu: torch.Tensor,  # [num_reqs + 1] int, host
+    seq_lens_cpu: torch.Tensor,  # [num_reqs] int, host
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Same result as ``paged_attention_ref``, faster on CPU: every single-token request
+    (decode) goes through one batched SDPA call over its padded gathered context, and each
+    multi-token request through one SDPA call with GQA handled by the kernel."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
+    out = torch.empty_like(query)
+    starts = query_start_loc_cpu.tolist()
+    q_lens = [starts[i + 1] - starts[i] for i in range(len(starts) - 1)]
+    seq_lens = seq_lens_cpu.tolist()
+    decodes = [i for i, n in enumerate(q_lens) if n == 1]
+    if decodes:
+        idx = torch.tensor(decodes, dtype=torch.long)
+        lens = seq_lens_cpu[idx].to(query.device)
+        num_blocks = -(-max(seq_lens[i] for i in decodes) // block_size)
+        blocks = block_tables[idx.to(block_tables.device), :num_blocks].long()  # [d, num_blocks]
+        k = kv_cache[0, blocks].flatten(1, 2).transpose(1, 2)  # [d, kv_heads, ctx, head_dim]
+        v = kv_cache[1, blocks].flatten(1, 2).transpose(1, 2)
+        rows = torch.tensor([starts[i] for i in decodes], dtype=torch.long, device=query.device)
+        q = query[rows].unsqueeze(2)  # [d, heads, 1, head_dim]
+        valid = torch.arange(k.shape[2], device=query.device)[None, :] < lens[:, None]  # [d, ctx]
+        o = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+        )
+        out[rows] = o.squeeze(2)
+    for i, q_len in enumerate(q_lens):
+        if q_len == 1:
+            continue
+        seq_len = seq_lens[i]
+        blocks = block_tables[i, : -(-seq_len // block_size)].long()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        q = query[starts[i] : starts[i + 1]].transpose(0, 1)  # [heads, q_len, head_dim]
+        if q_len == seq_len:
+            mask, causal = None, True
+        else:  # query j sits at position seq_len - q_len + j
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+            mask, causal = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None], False
+        o = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        )
+        out[starts[i] : starts[i + 1]] = o.transpose(0, 1)
     return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from rollout.errors import CheckpointError
@@ -20,12 +21,16 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_INDEX_FILE = "model.safetensors.index.json"
 _MAX_LISTED = 10
 
 
-def build_model(config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """An uninitialised model for ``config`` on ``device`` (weights come from a loader)."""
-    cls = resolve_model_class(getattr(config, "architectures", None))
+def build_model(
+    config: Any, dtype: torch.dtype, device: torch.device, architectures: list[str] | None = None
+) -> nn.Module:
+    """An uninitialised model for ``config`` on ``device`` (weights come from a loader).
+    ``architectures`` defaults to the config's."""
+    cls = resolve_model_class(architectures or getattr(config, "architectures", None))
     with torch.device(device):
         model = cls(config, dtype)
     return model.eval()
@@ -35,6 +40,8 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    if (path / _INDEX_FILE).is_file():
+        return _indexed_files(path / _INDEX_FILE)
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files
@@ -45,6 +52,19 @@ def checkpoint_files(path: str | Path) -> list[Path]:
             "refused: rollout loads safetensors only (re-save with save_pretrained(safe_serialization=True))"
         )
     raise CheckpointError(f"no *.safetensors files in {str(path)!r}")
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    """The shards a sharded checkpoint's index names (other *.safetensors files, such as a
+    consolidated copy beside the shards, are not part of the checkpoint)."""
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"unreadable {str(index)!r}: {type(e).__name__}: {e}") from e
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{str(index)!r} names shard file(s) that do not exist: {missing[:_MAX_LISTED]}")
+    return [index.parent / n for n in names]
 
 
 def load_named_tensors(
@@ -74,10 +94,14 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> int:
     files = checkpoint_files(path)
     shapes = []
     for f in files:
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                sl = st.get_slice(name)
-                shapes.append((name, torch.Size(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8)))
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    sl = st.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8)
+                    shapes.append((name, torch.Size(sl.get_shape()), dtype))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{str(f)!r} is not a readable safetensors file: {e}") from e
     return load_named_tensors(model, shapes, _stream(files), require_all=True)
 
 

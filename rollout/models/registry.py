@@ -64,9 +64,14 @@ def _load_plugins() -> None:
     _plugins_loaded = True
     for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         try:
-            _registry[ep.name] = ep.load()
+            obj = ep.load()
         except Exception as e:  # a broken plugin must not take the built-ins down
-            logger.warning("skipping model plugin %r (%s): %s", ep.name, ep.value, e)
+            logger.warning("skipping model plugin %r (%s): %s: %s", ep.name, ep.value, type(e).__name__, e)
+            continue
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            logger.warning("skipping model plugin %r (%s): %r is not an nn.Module subclass", ep.name, ep.value, obj)
+            continue
+        _registry[ep.name] = obj
 
 
 def _reset_for_tests() -> None:

@@ -41,13 +41,16 @@ class WeightMap:
                 self._unfused[hf_part] = (fused, shard_id)
         # What a full checkpoint must cover: each distinct parameter, each of its shards.
         self.required: dict[tuple[int, str | int | None], str] = {}
-        seen: set[int] = set()
+        self._fused: set[str] = set()  # parameters that load only shard by shard
+        self._num_names: dict[int, int] = {}  # id(param) -> its number of names (2 when tied)
         for name, param in self._params.items():
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            for shard in self._shards_of(name):
-                self.required[(id(param), shard)] = self._hf_name(name, shard)
+            shards = self._shards_of(name)
+            if shards != [None]:
+                self._fused.add(name)
+            self._num_names[id(param)] = self._num_names.get(id(param), 0) + 1
+            if self._num_names[id(param)] == 1:
+                for shard in shards:
+                    self.required[(id(param), shard)] = self._hf_name(name, shard)
 
     def resolve(self, hf_name: str) -> WeightTarget | None:
         """The target of ``hf_name``, or None when the model has no such weight."""
@@ -59,7 +62,12 @@ class WeightMap:
                 param = self._params.get(name)
                 return None if param is None else WeightTarget(hf_name, name, param, shard_id)
         param = self._params.get(hf_name)
-        return None if param is None else WeightTarget(hf_name, hf_name, param, None)
+        if param is None or hf_name in self._fused:  # HF checkpoints never hold a fused tensor
+            return None
+        return WeightTarget(hf_name, hf_name, param, None)
+
+    def is_tied(self, param: nn.Parameter) -> bool:
+        return self._num_names.get(id(param), 0) > 1
 
     @staticmethod
     def is_ignored(hf_name: str) -> bool:
@@ -91,8 +99,13 @@ def plan_load(
     """
     targets: list[WeightTarget] = []
     problems: list[str] = []
-    covered: set[tuple[int, str | int | None]] = set()
+    seen: set[str] = set()
+    covered: dict[tuple[int, str | int | None], WeightTarget] = {}
     for hf_name, shape, dtype in named_shapes:
+        if hf_name in seen:
+            problems.append(f"tensor {hf_name!r} given twice")
+            continue
+        seen.add(hf_name)
         if WeightMap.is_ignored(hf_name):
             continue
         target = weight_map.resolve(hf_name)
@@ -108,20 +121,21 @@ def plan_load(
             problems.append(f"tensor {hf_name!r} has dtype {dtype}, expected a floating-point dtype")
             continue
         key = (id(target.param), target.shard_id)
-        if key in covered and not _is_tied_alias(weight_map, key, hf_name):
-            problems.append(f"tensor {hf_name!r} given twice")
-            continue
-        covered.add(key)
+        if key in covered:
+            if not weight_map.is_tied(target.param):
+                problems.append(f"tensor {hf_name!r} fills the same weight as {covered[key].hf_name!r}")
+                continue
+            # A tied model may receive both "lm_head.weight" and the embedding: the
+            # embedding's own name wins, whatever the order in the checkpoint.
+            if hf_name != weight_map.required[key]:
+                continue
+            targets.remove(covered[key])
+        covered[key] = target
         targets.append(target)
     if require_all:
         missing = [name for key, name in weight_map.required.items() if key not in covered]
         problems.extend(f"missing tensor {name!r}" for name in missing)
     return targets, problems
-
-
-def _is_tied_alias(weight_map: WeightMap, key: tuple, hf_name: str) -> bool:
-    # A tied model may receive both "lm_head.weight" and the embedding: same data, accept.
-    return weight_map.required.get(key) != hf_name
 
 
 def copy_weights(targets: list[WeightTarget], tensors: Iterable[torch.Tensor]) -> None:

@@ -41,6 +41,9 @@ class CpuPlatform(Platform):
     def device_count(self) -> int:
         return 1
 
+    def attention_backend(self) -> str:
+        return "torch_sdpa"
+
     def synchronize(self, device: torch.device) -> None:
         pass  # CPU ops run eagerly
 

@@ -28,8 +28,8 @@ class CudaPlatform(Platform):
         return torch.cuda.device_count()
 
     def attention_backend(self) -> str:
-        # "torch" until the Triton paged-attention backend lands; then return "triton".
-        return "torch"
+        # SDPA until the Triton paged-attention backend lands; then "triton".
+        return "torch_sdpa"
 
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)
