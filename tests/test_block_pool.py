@@ -9,7 +9,7 @@ import pytest
 
 import rollout.engine.block_pool as block_pool_module
 import rollout.engine.kv_cache as kv_cache_module
-from rollout.engine.block_pool import BlockPool, hash_block
+from rollout.engine.block_pool import ROOT_HASH, BlockPool, hash_block
 from rollout.engine.kv_cache import KVCacheManager
 from tests.helpers.sched import admit, make_request
 
@@ -84,7 +84,7 @@ def test_ref_counts_touch_and_free():
 def test_touch_pulls_a_cached_free_block_out_of_the_free_queue():
     pool = BlockPool(4, enable_caching=True)
     blocks = pool.get_new_blocks(2)
-    pool.cache_block(blocks[0], 111, (1, 2))
+    pool.cache_block(blocks[0], 111, (1, 2), None)
     pool.free_blocks(blocks)  # free queue [2, 3, 0, 1]
     assert pool.counts() == (3, 1, 0)
     pool.touch([blocks[0]])  # a prefix hit
@@ -99,41 +99,41 @@ def test_touch_pulls_a_cached_free_block_out_of_the_free_queue():
 def test_cache_block_registers_the_first_copy_only():
     pool = BlockPool(3, enable_caching=True)
     a, b, c = pool.get_new_blocks(3)
-    pool.cache_block(a, 42, (1, 2))
+    pool.cache_block(a, 42, (1, 2), None)
     assert (a.block_hash, a.token_ids) == (42, (1, 2))
-    assert pool.get_cached_block(42, (1, 2)) is a
-    pool.cache_block(b, 42, (1, 2))  # same prefix computed twice: the copy stays private
-    assert b.block_hash is None and pool.get_cached_block(42, (1, 2)) is a
-    pool.cache_block(a, 43, (3, 4))  # already registered: unchanged
-    assert a.block_hash == 42 and pool.get_cached_block(43, (3, 4)) is None
+    assert pool.get_cached_block(42, (1, 2), None) is a
+    pool.cache_block(b, 42, (1, 2), None)  # same prefix computed twice: the copy stays private
+    assert b.block_hash is None and pool.get_cached_block(42, (1, 2), None) is a
+    pool.cache_block(a, 43, (3, 4), None)  # already registered: unchanged
+    assert a.block_hash == 42 and pool.get_cached_block(43, (3, 4), None) is None
     pool.check_invariants()
 
 
 def test_cache_block_is_a_no_op_without_caching():
     pool = BlockPool(2, enable_caching=False)
     (a,) = pool.get_new_blocks(1)
-    pool.cache_block(a, 42, (1, 2))
-    assert a.block_hash is None and pool.get_cached_block(42, (1, 2)) is None
+    pool.cache_block(a, 42, (1, 2), None)
+    assert a.block_hash is None and pool.get_cached_block(42, (1, 2), None) is None
 
 
 def test_hash_hit_requires_equal_tokens():
     pool = BlockPool(2, enable_caching=True)
     (a,) = pool.get_new_blocks(1)
-    forged = hash_block(None, (1, 2, 3))  # the hash of (1, 2, 3) on a block holding (9, 9, 9)
-    pool.cache_block(a, forged, (9, 9, 9))
-    assert pool.get_cached_block(forged, (1, 2, 3)) is None
-    assert pool.get_cached_block(forged, (9, 9, 9)) is a
+    forged = hash_block(ROOT_HASH, (1, 2, 3))  # the hash of (1, 2, 3) on a block holding (9, 9, 9)
+    pool.cache_block(a, forged, (9, 9, 9), None)
+    assert pool.get_cached_block(forged, (1, 2, 3), None) is None
+    assert pool.get_cached_block(forged, (9, 9, 9), None) is a
 
 
 def test_eviction_drops_the_hash():
     pool = BlockPool(2, enable_caching=True)
     a, b = pool.get_new_blocks(2)
-    pool.cache_block(a, 42, (1,))
+    pool.cache_block(a, 42, (1,), None)
     pool.free_blocks([a, b])  # free queue [a, b]: a is evicted first
     assert pool.counts() == (1, 1, 0)
     (got,) = pool.get_new_blocks(1)
     assert got is a and a.block_hash is None and a.token_ids is None
-    assert pool.get_cached_block(42, (1,)) is None
+    assert pool.get_cached_block(42, (1,), None) is None
     assert pool.counts() == (1, 0, 1)
     pool.check_invariants()
 
@@ -141,14 +141,14 @@ def test_eviction_drops_the_hash():
 def test_reset_prefix_cache_forgets_free_and_used_blocks():
     pool = BlockPool(3, enable_caching=True)
     a, b, c = pool.get_new_blocks(3)
-    pool.cache_block(a, 1, (1,))
-    pool.cache_block(b, 2, (2,))
+    pool.cache_block(a, 1, (1,), None)
+    pool.cache_block(b, 2, (2,), None)
     pool.free_blocks([a])
     assert pool.counts() == (0, 1, 2)
     pool.reset_prefix_cache()
     assert pool.counts() == (1, 0, 2)
     assert a.block_hash is None and b.block_hash is None
-    assert pool.get_cached_block(1, (1,)) is None and pool.get_cached_block(2, (2,)) is None
+    assert pool.get_cached_block(1, (1,), None) is None and pool.get_cached_block(2, (2,), None) is None
     assert b.ref_cnt == 1  # still held by its request
     pool.check_invariants()
 
@@ -211,7 +211,7 @@ def test_hit_chain_stops_at_the_first_miss():
     hits, num_hit = kv.get_computed_blocks(b)
     assert hits == [b0] and num_hit == 4
     # Block 2 is still cached, but it is not reachable past the missing block 1.
-    assert kv.pool.get_cached_block(b.block_hashes[2], tuple(tokens[8:12])) is b2
+    assert kv.pool.get_cached_block(b.block_hashes[2], tuple(tokens[8:12]), b2.parent) is b2
     kv.pool.free_blocks(held)
     kv.pool.check_invariants()
 
@@ -325,18 +325,13 @@ def test_prompt_logprobs_requests_neither_hit_nor_register():
     assert kv.get_computed_blocks(make_request("b", tokens))[1] == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kv_cache.get_computed_blocks/BlockPool.get_cached_block verify only the block's own "
-    "tokens, not its parent: after a hash collision on block i, block i+1 of another prefix hits",
-)
 def test_hash_collision_never_mixes_prefixes(monkeypatch):
     # A collision-prone hash (the sum of the block's tokens) makes collisions easy to build;
     # with the real 64-bit hash they are rare but possible, and the docstring promises that
     # a collision can never mix prefixes.
     monkeypatch.setattr(kv_cache_module, "hash_block", lambda parent, tokens: hash((parent, sum(tokens))))
     kv = KVCacheManager(num_blocks=16, block_size=2)
-    admit(kv, make_request("x", [2, 1, 7, 7, 0]))  # caches (2, 1) under h0 = H(None, 3)
+    admit(kv, make_request("x", [2, 1, 7, 7, 0]))  # caches (2, 1) under h0 = H(root, 3)
     r = make_request("r", [1, 2, 5, 6, 9])
     assert admit(kv, r) == 0  # (1, 2) collides with (2, 1): the token check rejects it
     # r's block 1 (5, 6), computed after (1, 2), is registered under H(h0, 11).
@@ -352,15 +347,11 @@ import importlib.util, sys
 spec = importlib.util.spec_from_file_location("block_pool", sys.argv[1])
 module = sys.modules["block_pool"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-print(module.hash_block(None, (1, 2, 3)), module.hash_block(module.hash_block(None, (1,)), (2,)))
+root = module.ROOT_HASH
+print(module.hash_block(root, (1, 2, 3)), module.hash_block(module.hash_block(root, (1,)), (2,)))
 """
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 12), strict=True,
-    reason="block_pool.hash_block: hash(None) is address-based before Python 3.12, so every hash "
-    "chain (rooted at parent None) differs per process, contrary to the comment about TP ranks",
-)
 def test_block_hashes_are_equal_across_processes():
     path = block_pool_module.__file__
     values = {

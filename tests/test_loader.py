@@ -207,7 +207,8 @@ def test_tied_checkpoint_with_lm_head_is_accepted(model_dirs, tmp_path):
     tied_dir = model_dirs["llama3_tied"]
     state = load_file(tied_dir / "model.safetensors")
     assert "lm_head.weight" not in state
-    with_head = write_checkpoint(tied_dir, tmp_path / "with_head", {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()})
+    head = {"lm_head.weight": state["model.embed_tokens.weight"].clone()}
+    with_head = write_checkpoint(tied_dir, tmp_path / "with_head", {**state, **head})
     assert greedy_tokens(with_head) == greedy_tokens(tied_dir)
 
 

@@ -78,7 +78,7 @@ def test_unknown_device_type_names_known_ones(device):
 
 def test_cpu_platform_contract(monkeypatch):
     cpu = get_platform("cpu")
-    assert cpu.attention_backend() == "torch" and not cpu.supports_cuda_graphs
+    assert cpu.attention_backend() == "torch_sdpa" and not cpu.supports_cuda_graphs
     assert cpu.parse_device(None) == torch.device("cpu")
     with pytest.raises(PlatformError, match="out of range"):
         cpu.parse_device("cpu:1")

@@ -150,6 +150,30 @@ def test_no_hits_without_caching():
     assert out.num_scheduled_tokens == {"a": 10, "b": 10}
 
 
+def test_kv_from_before_a_prefix_cache_reset_is_never_hit():
+    # r is mid-prefill when the cache is reset (a weight update). Its later blocks attend to
+    # KV from the old weights, so they must not be registered even though they are computed
+    # after the reset: t recomputes the prompt and s must hit t's blocks only.
+    sched = make_scheduler(block_size=4, max_num_batched_tokens=8)
+    runner = FakeRunner(sched)
+    prompt = make_request("p", 13).prompt_token_ids
+    r = make_request("r", prompt, max_tokens=8)
+    sched.add_request(r)
+    run_step(sched, runner=runner)  # r: 8 tokens, blocks 0 and 1 registered
+    runner.reset_prefix_cache()
+    t = make_request("t", prompt, max_tokens=8)
+    sched.add_request(t)
+    for _ in range(3):
+        run_step(sched, runner=runner)  # r finishes its prompt; t computes all 13 from scratch
+    assert t.num_cached_tokens == 0 and t.num_computed_tokens == 13
+    s = make_request("s", prompt, max_tokens=1)
+    sched.add_request(s)
+    out, _, _ = run_step(sched, runner=runner)  # the runner checks what s reads
+    assert s.num_cached_tokens == 12
+    assert out.new_reqs[0].block_ids[:3] == sched.kv.block_ids("t")[:3]
+    run_until_done(sched, runner=runner)
+
+
 # ---- preemption ------------------------------------------------------------------------
 def test_preemption_of_the_youngest_and_resume():
     # 4 blocks of 4: three 4-token prompts take one block each; at 5 tokens each needs a
@@ -244,6 +268,12 @@ def test_stop_conditions(kwargs, tokens, status, outputs, stop_reason):
     assert req.status.finish_reason == {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length"}[status]
 
 
+def test_banned_stop_token_ids():
+    # What the runner bans until min_tokens: EOS (unless ignore_eos) and stop ids, deduplicated.
+    assert make_request("a", eos_token_ids=[EOS], stop_token_ids=[9, EOS]).stop_token_ids == (EOS, 9)
+    assert make_request("a", eos_token_ids=[EOS], stop_token_ids=[9], ignore_eos=True).stop_token_ids == (9,)
+
+
 def test_finishing_frees_blocks_and_reports_removal_next_step():
     sched = make_scheduler()
     a, b = make_request("a", 6, max_tokens=1), make_request("b", 6, max_tokens=3)
@@ -260,7 +290,7 @@ def test_finishing_frees_blocks_and_reports_removal_next_step():
 
 
 # ---- aborts ----------------------------------------------------------------------------
-def test_finish_requests_aborts_waiting_running_and_preempted():
+def test_finish_requests_aborts_waiting_and_running():
     sched = make_scheduler(num_blocks=8, block_size=4, max_num_seqs=2)
     reqs = {r: make_request(r, 6, max_tokens=10) for r in "abc"}
     for r in reqs.values():

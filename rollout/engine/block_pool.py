@@ -6,7 +6,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+# Root of every hash chain. Not None: before Python 3.12 hash(None) is address-based.
+ROOT_HASH = 0
+
+
+def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     """Chained hash of one full block: equal hashes mean equal prefixes (verified on a hit)."""
     # Python's hash of ints and tuples is not randomised per process, so every rank of a
     # tensor-parallel group computes the same hashes.
@@ -18,8 +22,10 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: int | None = None
-    # Kept to verify a hash hit token by token, so a hash collision can never mix prefixes.
+    # A hit is verified by its tokens and its parent (the cached block before it in the
+    # chain), so a hash collision can never mix prefixes.
     token_ids: tuple[int, ...] | None = None
+    parent: KVBlock | None = None
 
 
 class BlockPool:
@@ -48,9 +54,11 @@ class BlockPool:
         """Blocks that can be handed out now (free or evictable cached)."""
         return len(self._free_queue)
 
-    def get_cached_block(self, block_hash: int, token_ids: tuple[int, ...]) -> KVBlock | None:
+    def get_cached_block(
+        self, block_hash: int, token_ids: tuple[int, ...], parent: KVBlock | None
+    ) -> KVBlock | None:
         block = self._cached.get(block_hash)
-        if block is None or block.token_ids != token_ids:
+        if block is None or block.token_ids != token_ids or block.parent is not parent:
             return None
         return block
 
@@ -80,28 +88,38 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free_queue[block.block_id] = block
 
-    def cache_block(self, block: KVBlock, block_hash: int, token_ids: tuple[int, ...]) -> None:
-        if not self.enable_caching or block.block_hash is not None:
-            return
-        if block_hash in self._cached:
-            # The same prefix is already cached in another block; this copy stays private.
-            return
+    def cache_block(
+        self, block: KVBlock, block_hash: int, token_ids: tuple[int, ...], parent: KVBlock | None
+    ) -> KVBlock | None:
+        """Register ``block``; returns the block now cached for this prefix (``block``, or an
+        equal one cached before), or None on a hash collision with a different prefix (or
+        with caching off)."""
+        if not self.enable_caching:
+            return None
+        if block.block_hash is not None:
+            return block
+        existing = self._cached.get(block_hash)
+        if existing is not None:
+            # The same prefix cached elsewhere: this copy stays private. A different prefix
+            # under the same hash: a collision, nothing is registered.
+            same = existing.token_ids == token_ids and existing.parent is parent
+            return existing if same else None
         block.block_hash = block_hash
         block.token_ids = token_ids
+        block.parent = parent
         self._cached[block_hash] = block
+        return block
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash: no later request can hit KV computed before this call."""
         for block in self._cached.values():
-            block.block_hash = None
-            block.token_ids = None
+            block.block_hash = block.token_ids = block.parent = None
         self._cached.clear()
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
-            block.block_hash = None
-            block.token_ids = None
+            block.block_hash = block.token_ids = block.parent = None
 
     def counts(self) -> tuple[int, int, int]:
         """(free, cached, used) block counts."""
@@ -115,5 +133,5 @@ class BlockPool:
         for b in self.blocks:
             assert (b.ref_cnt == 0) == (b.block_id in self._free_queue), b
             if b.block_hash is not None:
-                assert self._cached[b.block_hash] is b
+                assert self._cached.get(b.block_hash) is b, b
         assert all(b.block_hash == h for h, b in self._cached.items())

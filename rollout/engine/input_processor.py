@@ -90,6 +90,12 @@ class InputProcessor:
             )
         return ProcessedPrompt(text, list(ids))
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids must exist in this model."""
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError("SamplingParams.stop_token_ids", bad, f"token ids in [0, {self.vocab_size})")
+
     def _tokenize(self, text: Any, field: str) -> list[int]:
         if not isinstance(text, str):
             raise InvalidRequestError(field, text, "a str")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rollout.engine.block_pool import BlockPool, KVBlock, hash_block
+from rollout.engine.block_pool import ROOT_HASH, BlockPool, KVBlock, hash_block
 from rollout.engine.request import Request
 
 
@@ -23,6 +23,8 @@ class KVCacheManager:
         # Requests holding KV from before a prefix-cache reset never register blocks again:
         # their later blocks chain onto KV computed with old weights.
         self._stale: set[str] = set()
+        # The cached block of each request's last registered prefix (the chain's tail).
+        self._chain_tail: dict[str, KVBlock] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -46,12 +48,10 @@ class KVCacheManager:
         hits: list[KVBlock] = []
         for i in range(min(max_blocks, len(req.block_hashes))):
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            block = self.pool.get_cached_block(req.block_hashes[i], chunk)
+            block = self.pool.get_cached_block(req.block_hashes[i], chunk, hits[-1] if hits else None)
             if block is None:
                 break
             hits.append(block)
-        self.pool.num_hit_queries += 1
-        self.pool.num_hit_blocks += len(hits)
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
@@ -68,10 +68,14 @@ class KVCacheManager:
         if num_new_blocks + num_evictable_hits > self.pool.num_free_blocks:
             return False
         self.pool.touch(list(computed_blocks))
+        if not held and self.enable_caching and req.uses_prefix_cache:
+            self.pool.num_hit_queries += 1  # one lookup per admission that got its blocks
         blocks = self._req_blocks.setdefault(req.req_id, [])
         blocks.extend(computed_blocks)
         if computed_blocks:
             self._num_cached_blocks[req.req_id] = len(blocks)
+            self._chain_tail[req.req_id] = computed_blocks[-1]
+            self.pool.num_hit_blocks += len(computed_blocks)
         if num_new_blocks > 0:
             blocks.extend(self.pool.get_new_blocks(num_new_blocks))
         return True
@@ -92,15 +96,27 @@ class KVCacheManager:
         self._update_hashes(req, num_full)
         blocks = self._req_blocks[req.req_id]
         tokens = req.all_token_ids
+        bs = self.block_size
+        # The chain continues from the block cached for the previous prefix, which may be
+        # another request's equal block; it must still be cached under that prefix's hash.
+        parent = self._chain_tail.get(req.req_id)
+        if start > 0 and (parent is None or parent.block_hash != req.block_hashes[start - 1]):
+            self._stale.add(req.req_id)
+            return
         for i in range(start, num_full):
-            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            self.pool.cache_block(blocks[i], req.block_hashes[i], chunk)
+            chunk = tuple(tokens[i * bs : (i + 1) * bs])
+            parent = self.pool.cache_block(blocks[i], req.block_hashes[i], chunk, parent)
+            if parent is None:  # a hash collision: stop registering this request's chain
+                self._stale.add(req.req_id)
+                return
+        self._chain_tail[req.req_id] = parent
         self._num_cached_blocks[req.req_id] = num_full
 
     def free(self, req: Request) -> None:
         blocks = self._req_blocks.pop(req.req_id, [])
         self._num_cached_blocks.pop(req.req_id, None)
         self._stale.discard(req.req_id)
+        self._chain_tail.pop(req.req_id, None)
         # Tail blocks are the least likely to be shared, so they go first in eviction order.
         self.pool.free_blocks(blocks[::-1])
 
@@ -113,5 +129,5 @@ class KVCacheManager:
         tokens = req.all_token_ids
         hashes = req.block_hashes
         for i in range(len(hashes), num_full):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else ROOT_HASH
             hashes.append(hash_block(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size])))

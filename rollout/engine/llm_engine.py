@@ -76,8 +76,11 @@ class LLMEngine:
         reqs = {r: self.scheduler.requests[r] for r in run.req_ids}
         for req_id, (start, entries) in run.prompt_logprobs.items():
             req = reqs[req_id]
-            if start == len(req.prompt_logprobs):  # recomputation after preemption adds nothing
-                req.prompt_logprobs.extend(entries)
+            # Chunks arrive in order from position 0, but a prompt preempted mid-prefill is
+            # recomputed with other chunk boundaries: keep only positions not yet covered.
+            num_have = len(req.prompt_logprobs)
+            if start <= num_have:
+                req.prompt_logprobs.extend(entries[num_have - start :])
         advanced, finished = self.scheduler.update(sched, dict(zip(run.req_ids, run.sampled_token_ids)))
         lp_of = dict(zip(run.req_ids, run.logprobs))
         stopped = []

@@ -76,7 +76,9 @@ class ModelRunner:
         with set_forward_context(ctx):
             hidden = self.model(inputs["input_ids"], inputs["positions"])  # [num_tokens, hidden]
             logits = self.model.compute_logits(hidden[inputs["logits_indices"]])  # [num_reqs, vocab]
-        out = self._sample(req_ids, rows, logits)
+        # Rows that reach the end of their known tokens; a prefill chunk's sample is discarded.
+        completes = (self.batch.num_computed_cpu[rows] + num_sched >= self.batch.num_tokens_cpu[rows]).tolist()
+        out = self._sample(req_ids, rows, completes, logits)
         self._prompt_logprobs(req_ids, rows, num_sched, inputs, hidden, out)
         self._advance(rows, num_sched, out.sampled_token_ids)
         return out
@@ -125,7 +127,7 @@ class ModelRunner:
             "attn": attn,
         }
 
-    def _sampling_metadata(self, rows: list[int]) -> SamplingMetadata:
+    def _sampling_metadata(self, rows: list[int], completes: list[bool]) -> SamplingMetadata:
         states = [self.batch.states[r] for r in rows]
         params = [s.params for s in states]
         f32 = dict(dtype=torch.float32, device=self.device)
@@ -145,16 +147,22 @@ class ModelRunner:
         k = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingMetadata(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            generators={i: s.generator for i, s in enumerate(states) if s.generator is not None},
+            # Only a sample that is kept draws from the request's own generator, so a seeded
+            # stream does not depend on how its prompt was chunked or recomputed.
+            generators={
+                i: s.generator for i, (s, c) in enumerate(zip(states, completes)) if s.generator is not None and c
+            },
             default_generator=self.generator,
             all_greedy=all(p.greedy for p in params),
             max_num_logprobs=max(k) if k else None,
             banned_token_ids=banned,
         )
 
-    def _sample(self, req_ids: list[str], rows: torch.Tensor, logits: torch.Tensor) -> ModelRunnerOutput:
+    def _sample(
+        self, req_ids: list[str], rows: torch.Tensor, completes: list[bool], logits: torch.Tensor
+    ) -> ModelRunnerOutput:
         row_list = rows.tolist()
-        md = self._sampling_metadata(row_list)
+        md = self._sampling_metadata(row_list, completes)
         s = self.sampler(logits, md)
         # The step's one host sync: everything the scheduler and outputs need, at once.
         sampled = s.sampled_token_ids.tolist()

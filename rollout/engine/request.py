@@ -20,11 +20,6 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ABORTED = 5
 
     @property
-    def stop_token_ids(self) -> tuple[int, ...]:
-        eos = () if self.sampling_params.ignore_eos else self.eos_token_ids
-        return tuple(dict.fromkeys((*eos, *self.sampling_params.stop_token_ids)))
-
-    @property
     def is_finished(self) -> bool:
         return self >= RequestStatus.FINISHED_STOPPED
 

@@ -15,6 +15,7 @@ import torch
 
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.request import Request, RequestStatus
+from rollout.errors import InvalidRequestError
 from rollout.sampling_params import SamplingParams
 
 
@@ -27,12 +28,13 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidRequestError(name, v, "an int >= 1")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
-                f"max_model_len={self.max_model_len} when chunked prefill is off"
+            raise InvalidRequestError(
+                "max_num_batched_tokens", self.max_num_batched_tokens,
+                f"an int >= max_model_len={self.max_model_len} when chunked prefill is off",
             )
 
 

@@ -77,6 +77,11 @@ class LLM:
             raise InvalidRequestError("max_model_len", max_model_len, f"an int in [2, {max_pos}] (the model's max_position_embeddings)")
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
+        sched_config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=_DEFAULT_MAX_BATCHED_TOKENS if max_num_batched_tokens is None else max_num_batched_tokens,
+            max_model_len=max_model_len,
+        )
 
         self.model = build_model(hf_config, self.dtype, self.device, source.architectures)
         source.load_weights(self.model)
@@ -84,11 +89,6 @@ class LLM:
         eos_ids = source.eos_token_ids(self.tokenizer)
         self.hf_config = hf_config
 
-        sched_config = SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens or max(_DEFAULT_MAX_BATCHED_TOKENS, 1),
-            max_model_len=max_model_len,
-        )
         runner = ModelRunner(
             self.model, self.platform, self.device, block_size=block_size, max_num_reqs=max_num_seqs,
             max_model_len=max_model_len, seed=seed,
@@ -133,6 +133,8 @@ class LLM:
         """
         items = split_prompts(prompts)
         params = expand_params(sampling_params, len(items))
+        for sp in {id(p): p for p in params}.values():
+            self.input_processor.check_params(sp)
         processed = [self.input_processor.process(p, i) for i, p in enumerate(items)]
         request_ids = [str(next(self._request_counter)) for _ in processed]
         for rid, pp, sp in zip(request_ids, processed, params):

@@ -31,11 +31,12 @@ class HFOracle:
         if len(cached) < num_tokens:
             cached = []
             ids = torch.tensor([prompt])
-            past = None
+            # Filled in place; positional because transformers renamed the argument
+            # (``past_key_values`` -> ``cache``).
+            kv = transformers.DynamicCache()
             with torch.no_grad():
                 for _ in range(num_tokens):
-                    out = self.model(ids, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                    out = self.model(ids, None, None, kv, use_cache=True)
                     cached.append(int(out.logits[0, -1].argmax()))
                     ids = torch.tensor([[cached[-1]]])
             self._greedy[key] = cached

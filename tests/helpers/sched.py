@@ -71,25 +71,29 @@ def make_request(
 
 
 def run_step(
-    scheduler: Scheduler, sampled_token_fn: SampledTokenFn | None = None
+    scheduler: Scheduler, sampled_token_fn: SampledTokenFn | None = None, runner: FakeRunner | None = None
 ) -> tuple[SchedulerOutput, list[Request], list[Request]]:
     """schedule() then update() with fake samples: ``sampled_token_fn(req)`` for every
-    scheduled request (prefill chunks included; the scheduler must discard those)."""
+    scheduled request (prefill chunks included; the scheduler must discard those).
+    With a ``runner``, the step also goes through its checks."""
     out = scheduler.schedule()
     fn = sampled_token_fn or (lambda req: DEFAULT_TOKEN)
     sampled = {req_id: fn(scheduler.requests[req_id]) for req_id in out.num_scheduled_tokens}
+    if runner is not None:
+        runner.execute(out, sampled)
     advanced, finished = scheduler.update(out, sampled)
     return out, advanced, finished
 
 
 def run_until_done(
-    scheduler: Scheduler, sampled_token_fn: SampledTokenFn | None = None, max_steps: int = 1000
+    scheduler: Scheduler, sampled_token_fn: SampledTokenFn | None = None, max_steps: int = 1000,
+    runner: FakeRunner | None = None,
 ) -> list[SchedulerOutput]:
     outs = []
     for _ in range(max_steps):
         if not scheduler.has_unfinished_requests():
             return outs
-        out, _, _ = run_step(scheduler, sampled_token_fn)
+        out, _, _ = run_step(scheduler, sampled_token_fn, runner)
         assert not out.is_empty, "no progress with requests pending"
         outs.append(out)
     raise AssertionError(f"requests still unfinished after {max_steps} steps")
@@ -179,7 +183,9 @@ class FakeRunner:
                 version, prefix_id = self.kv.get(self._slot(row, pos), (None, None))
                 assert prefix_id == row.prefix_ids[pos], f"{req_id} reads KV of another prefix at {pos}"
                 # A prefix hit must be KV computed under the current weights.
-                assert req_id not in hit_lens or pos >= hit_lens[req_id] or version == self.weight_version
+                assert req_id not in hit_lens or pos >= hit_lens[req_id] or version == self.weight_version, (
+                    f"{req_id} hits KV computed before a prefix-cache reset at {pos}"
+                )
             row.num_computed_tokens = end
             if end == len(row.token_ids):
                 row.token_ids.append(sampled[req_id])
