@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.hf_oracle import HFOracle
 from tests.helpers.models import VARIANTS, build_model_dir
 from tests.helpers.tokenizer import build_tokenizer
 
@@ -30,6 +31,4 @@ def llama_dir(model_dirs):
 @pytest.fixture(scope="session")
 def hf_oracles(model_dirs):
     """name -> HFOracle (fp32 HF model of that directory, greedy results cached)."""
-    from tests.helpers.hf_oracle import HFOracle
-
     return {name: HFOracle(path) for name, path in model_dirs.items()}

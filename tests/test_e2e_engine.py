@@ -104,13 +104,16 @@ def test_seeded_sampling_is_reproducible(llm, llama_dir):
         ([others[0], prompt, others[1]], [unseeded, sp, unseeded]),
         ([others[1], others[0], prompt], [seeded_other, unseeded, sp]),
         ([prompt, others[0]], [sp, unseeded]),
+        ([prompt, prompt], [sp, sp]),  # each request has its own generator
     ]
     for prompts, params in batches:
         for engine in (llm, other_llm):
             outs = engine.generate(prompts, params)
-            got = outs[prompts.index(prompt)].outputs[0]
-            assert got.token_ids == ref.token_ids
-            assert got.token_logprobs == pytest.approx(ref.token_logprobs, abs=1e-5)
+            for out, params_i in zip(outs, params):
+                if params_i is sp:
+                    got = out.outputs[0]
+                    assert got.token_ids == ref.token_ids
+                    assert got.token_logprobs == pytest.approx(ref.token_logprobs, abs=1e-5)
 
     # Preempted mid-decode and recomputed in chunks: the same tokens still.
     tight = _llm(llama_dir, block_size=4, num_kv_blocks=14, max_num_batched_tokens=16, enable_prefix_caching=False)
@@ -151,7 +154,7 @@ def test_sampling_filters_logprobs_match_hf(llm, oracle):
     for i, kw in enumerate(FILTERS):
         for j, prompt in enumerate(prompts):
             batch.append(prompt)
-            params.append(SamplingParams(**kw, seed=10 * i + j, max_tokens=8, logprobs=2, ignore_eos=True))
+            params.append(SamplingParams(**kw, seed=10 * i + j, max_tokens=8, logprobs=5, ignore_eos=True))
     outs = llm.generate(batch, params)  # every filter mix in one batch: per-row parameters
     num_checked = num_steps = 0
     for prompt, sp, out in zip(batch, params, outs):
@@ -168,8 +171,8 @@ def test_sampling_filters_logprobs_match_hf(llm, oracle):
             assert lp == pytest.approx(float(ref[tok]), abs=1e-4), sp
             if sp.temperature == 0:
                 assert tok == int(row.argmax())
-            for tid, entry in step.items():  # the top entries are allowed tokens too
-                assert entry.logprob == pytest.approx(float(ref[tid]), abs=1e-4)
+            for tid, entry in step.items():  # top entries: allowed tokens only (top_k=3 < 5)
+                assert ref[tid] > float("-inf") and entry.logprob == pytest.approx(float(ref[tid]), abs=1e-4)
     assert num_checked >= 0.9 * num_steps
 
 
@@ -284,6 +287,17 @@ def test_infeasible_requests_never_hang(llama_dir):
     small.engine.kv.pool.check_invariants()
 
 
+def test_max_model_len_ends_with_length(llama_dir):
+    short = _llm(llama_dir, max_model_len=40, num_kv_blocks=16)
+    sp = SamplingParams(temperature=1.0, max_tokens=None, ignore_eos=True)
+    outs = _within(60, short.generate, [random_prompt(n, seed=15 + n) for n in (1, 20, 39)], sp)
+    for out in outs:
+        assert out.outputs[0].finish_reason == "length"
+        assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 40
+    with pytest.raises(InvalidRequestError):
+        short.generate([random_prompt(40, seed=16)], sp)
+
+
 # ---- the generate() contract ---------------------------------------------------------------
 def test_outputs_in_prompt_order_with_tqdm(llm):
     prompts = [random_prompt(n, seed=20 + n) for n in (3, 30, 12)]
@@ -296,3 +310,20 @@ def test_outputs_in_prompt_order_with_tqdm(llm):
     again = llm.generate(prompts, params, use_tqdm=True)
     ids = [o.request_id for o in outs + again]
     assert len(set(ids)) == len(ids)
+
+
+def test_stop_token_text_left_out_unless_asked(model_dirs):
+    """A stop token id ends the text without its own text (vLLM's behaviour), unless
+    include_stop_str_in_output."""
+    llm = LLM(str(model_dirs["llama"]), dtype="float32", num_kv_blocks=64)
+    base = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
+    stop_id = base.token_ids[3]
+    tok = llm.get_tokenizer()
+    for include in (False, True):
+        sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop_id],
+                            include_stop_str_in_output=include)
+        out = llm.generate([[5, 6, 7]], sp)[0].outputs[0]
+        first = base.token_ids.index(stop_id)
+        assert out.token_ids == base.token_ids[: first + 1] and out.stop_reason == stop_id
+        shown = out.token_ids if include else out.token_ids[:-1]
+        assert out.text == tok.decode(shown, skip_special_tokens=True)

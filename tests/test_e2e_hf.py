@@ -26,10 +26,12 @@ def _llm(path, **kwargs) -> LLM:
 
 
 def _ragged_prompts(block_size: int) -> list[list[int]]:
-    """Lengths 1, bs - 1, bs, bs + 1, one long prompt and one sharing its first 40 tokens."""
+    """Lengths 1, bs - 1, bs, bs + 1, a long prompt, one sharing its first 40 tokens and a
+    copy of it (which can hit blocks the first is still prefilling)."""
     lengths = [1, block_size - 1, block_size, block_size + 1, 100]
     prompts = [random_prompt(n, seed=1000 + n) for n in lengths]
     prompts.append(prompts[-1][:40] + random_prompt(9, seed=7))
+    prompts.append(list(prompts[4]))
     return prompts
 
 

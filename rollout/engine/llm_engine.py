@@ -88,6 +88,9 @@ class LLMEngine:
             lp = lp_of[req.req_id]
             if lp is not None:
                 req.output_logprobs.append(lp)
+            # As in vLLM, the text of a stop token (EOS, stop_token_ids) is left out.
+            if req.status == RequestStatus.FINISHED_STOPPED and not req.sampling_params.include_stop_str_in_output:
+                continue
             if self.outputs.detokenize(req) is not None and not req.is_finished:
                 stopped.append(req.req_id)
         self.num_generated_tokens += len(advanced)

@@ -1,7 +1,8 @@
-"""HF transformers as the oracle for end-to-end tests: greedy continuations and fp32 logprobs.
+"""HF transformers as the oracle for end-to-end tests: greedy continuations, fp32 logits and
+the reference of the sampling filters.
 
 One ``HFOracle`` per model directory, loaded once per session. Greedy continuations are
-cached per prompt and extended on demand (a longer greedy run starts with the shorter one).
+cached per prompt; a shorter request is served as a prefix of a longer run.
 """
 
 from __future__ import annotations

@@ -1,0 +1,98 @@
+"""MemoryManager: the engine's two arenas (weights, KV cache) and sleep / wake by tag.
+
+- ``sleep(1)``: weights copied to a host buffer (pinned on GPU), both arenas released.
+- ``sleep(2)``: both released, nothing kept; weights come back by update or reload.
+- ``wake_up(tags)``: re-back the named arenas (same addresses on CUDA), restore weights
+  after a level-1 sleep. A wake that runs out of memory re-releases whatever it mapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from rollout.errors import InvalidRequestError
+from rollout.memory.arena import Arena, align_up
+
+TAGS = ("weights", "kv_cache")
+
+ArenaFactory = Callable[[int], Arena]
+
+
+def move_params_into_arena(model: nn.Module, make_arena: ArenaFactory) -> Arena:
+    """Give every parameter a home in one arena (a one-time rebinding at start-up; later
+    updates copy in place). Tied parameters are one parameter, placed once."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total = align_up(total + p.numel() * p.element_size())
+    arena = make_arena(max(total, 1))
+    with torch.no_grad():
+        for p, off in zip(params, offsets):
+            view = arena.view(off, tuple(p.shape), p.dtype)
+            view.copy_(p.data)
+            p.data = view
+    return arena
+
+
+class MemoryManager:
+    def __init__(self, weights: Arena, kv_cache: Arena, pin_host: bool) -> None:
+        self.arenas = {"weights": weights, "kv_cache": kv_cache}
+        self.pin_host = pin_host
+        self._host_weights: torch.Tensor | None = None  # level-1 copy of the weight arena
+        self._host_valid = False
+        # False after sleep(2) until every weight has been written again.
+        self.weights_valid = True
+
+    @property
+    def is_sleeping(self) -> bool:
+        return any(not a.is_mapped for a in self.arenas.values())
+
+    def asleep_tags(self) -> list[str]:
+        return [t for t, a in self.arenas.items() if not a.is_mapped]
+
+    def sleep(self, level: int) -> None:
+        if level not in (1, 2) or isinstance(level, bool):
+            raise InvalidRequestError("level", level, "1 (keep weights on the host) or 2 (discard weights)")
+        weights = self.arenas["weights"]
+        if level == 1 and weights.is_mapped and self.weights_valid:
+            if self._host_weights is None:
+                self._host_weights = torch.empty(weights.nbytes, dtype=torch.uint8, pin_memory=self.pin_host)
+            self._host_weights.copy_(weights.tensor, non_blocking=False)
+            self._host_valid = True
+        elif level == 2:
+            self._host_weights, self._host_valid = None, False
+            self.weights_valid = False
+        for arena in self.arenas.values():
+            arena.release()
+
+    def wake_up(self, tags: Iterable[str] | None = None) -> list[str]:
+        """Re-back the arenas named by ``tags`` (all when None); returns the tags woken."""
+        tags = list(TAGS) if tags is None else list(tags)
+        unknown = [t for t in tags if t not in TAGS]
+        if unknown or not tags:
+            raise InvalidRequestError("tags", tags, f"None or a non-empty list of {list(TAGS)}")
+        woken = []
+        try:
+            for tag in tags:
+                arena = self.arenas[tag]
+                if not arena.is_mapped:
+                    arena.restore()
+                    woken.append(tag)
+        except BaseException:
+            for tag in woken:  # all or nothing
+                self.arenas[tag].release()
+            raise
+        if "weights" in woken and self._host_valid:
+            self.arenas["weights"].tensor.copy_(self._host_weights, non_blocking=False)
+        return woken
+
+    def memory_usage(self) -> dict[str, dict[str, int]]:
+        host = self._host_weights.numel() if self._host_weights is not None else 0
+        return {
+            "weights": {"device": self.arenas["weights"].nbytes if self.arenas["weights"].is_mapped else 0, "host": host},
+            "kv_cache": {"device": self.arenas["kv_cache"].nbytes if self.arenas["kv_cache"].is_mapped else 0, "host": 0},
+        }
