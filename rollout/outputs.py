@@ -54,4 +54,5 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first sample)
+    weight_version: int = 0  # LLM.weight_version the outputs were generated with
     metrics: dict[str, float] = field(default_factory=dict)

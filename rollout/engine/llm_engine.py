@@ -33,6 +33,7 @@ class LLMEngine:
         self.max_num_tokens = min(scheduler.config.max_model_len, self.kv.capacity_tokens)
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self.weight_version = 0
 
     def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
         """Queue one prompt (already validated) as ``params.n`` child requests."""
@@ -49,7 +50,7 @@ class LLMEngine:
                     max_num_tokens=self.max_num_tokens, eos_token_ids=self.eos_token_ids, generator=gen,
                 )
             )
-        self.outputs.add(request_id, prompt, children)
+        self.outputs.add(request_id, prompt, children, self.weight_version)
         for c in children:
             self.scheduler.add_request(c)
 
@@ -105,6 +106,12 @@ class LLMEngine:
         return results
 
     def reset_prefix_cache(self) -> None:
+        self.kv.reset_prefix_cache()
+
+    def drop_kv_cache(self) -> None:
+        """The KV cache's contents are about to be lost: running requests go back to waiting
+        (they recompute later, keeping their tokens) and no cached prefix survives."""
+        self.scheduler.preempt_all()
         self.kv.reset_prefix_cache()
 
     @property

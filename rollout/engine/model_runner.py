@@ -17,6 +17,7 @@ from rollout.engine.request import TokenLogprobs
 from rollout.engine.sampler import Sampler, SamplingMetadata, gather_logprobs
 from rollout.engine.scheduler import SchedulerOutput
 from rollout.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from rollout.memory.arena import Arena
 from rollout.platforms import Platform
 
 
@@ -46,7 +47,7 @@ class ModelRunner:
         self.backend = get_attention_backend(platform.attention_backend())
         # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)).
         self.generator = platform.manual_seed_generator(seed, device)
-        self.kv_arena: torch.Tensor | None = None
+        self.kv_arena: Arena | None = None
         self.kv_caches: list[torch.Tensor] = []
 
     # ---- KV cache --------------------------------------------------------------------
@@ -55,14 +56,15 @@ class ModelRunner:
         elem = next(self.model.parameters()).element_size()
         return 2 * layers * self.block_size * self.model.num_kv_heads * self.model.head_dim * elem
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        """One arena for every layer's K and V; layers see views, so the arena can later be
-        released and re-backed as a whole."""
+    def init_kv_cache(self, num_blocks: int) -> Arena:
+        """One arena for every layer's K and V; layers see views, so sleep can release and
+        re-back it as a whole."""
         layers = len(self.model.model.layers)
         dtype = next(self.model.parameters()).dtype
         shape = (layers, 2, num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
-        self.kv_arena = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.kv_caches = list(self.kv_arena.unbind(0))
+        self.kv_arena = self.platform.create_arena(num_blocks * self.kv_bytes_per_block(), self.device)
+        self.kv_caches = list(self.kv_arena.view(0, shape, dtype).unbind(0))
+        return self.kv_arena
 
     # ---- one step ----------------------------------------------------------------------
     @torch.inference_mode()

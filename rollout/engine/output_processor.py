@@ -23,6 +23,7 @@ class ParentState:
     params: SamplingParams
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer | None]
+    weight_version: int
     stop_strings: dict[str, str] = field(default_factory=dict)  # child req_id -> matched stop
 
 
@@ -32,7 +33,7 @@ class OutputProcessor:
         self.parents: dict[str, ParentState] = {}
         self._parent_of: dict[str, ParentState] = {}
 
-    def add(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
+    def add(self, request_id: str, prompt: str | None, children: list[Request], weight_version: int = 0) -> None:
         params = children[0].sampling_params
         dets = [
             IncrementalDetokenizer(
@@ -43,7 +44,7 @@ class OutputProcessor:
             else None
             for c in children
         ]
-        state = ParentState(request_id, prompt, children[0].prompt_token_ids, params, children, dets)
+        state = ParentState(request_id, prompt, children[0].prompt_token_ids, params, children, dets, weight_version)
         self.parents[request_id] = state
         for c in children:
             self._parent_of[c.req_id] = state
@@ -101,6 +102,7 @@ class OutputProcessor:
         return RequestOutput(
             request_id=state.request_id, prompt=state.prompt, prompt_token_ids=list(state.prompt_token_ids),
             outputs=outputs, finished=True, prompt_logprobs=prompt_lp, num_cached_tokens=first.num_cached_tokens,
+            weight_version=state.weight_version,
         )
 
     def _logprob_dict(self, token_id: int, e: TokenLogprobs) -> dict[int, Logprob]:

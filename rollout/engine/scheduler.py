@@ -111,6 +111,13 @@ class Scheduler:
             done.append(req)
         return done
 
+    def preempt_all(self) -> None:
+        """Send every running request back to waiting, to be recomputed (KV cache lost)."""
+        out = SchedulerOutput()
+        while self.running:
+            self._preempt(self.running.pop(), out)
+        self._removed |= out.removed_req_ids
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 

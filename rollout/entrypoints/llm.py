@@ -17,8 +17,10 @@ from rollout.engine.llm_engine import LLMEngine, default_num_blocks
 from rollout.engine.model_runner import ModelRunner
 from rollout.engine.scheduler import Scheduler, SchedulerConfig
 from rollout.entrypoints.model_source import ModelSource
-from rollout.errors import InvalidRequestError
-from rollout.models.loader import build_model
+from rollout.errors import CheckpointError, EngineSleepingError, InvalidRequestError, WeightUpdateError
+from rollout.memory.manager import MemoryManager, move_params_into_arena
+from rollout.models.loader import build_model, read_checkpoint
+from rollout.models.updater import WeightUpdater
 from rollout.outputs import RequestOutput
 from rollout.platforms import get_platform
 from rollout.sampling_params import SamplingParams
@@ -84,6 +86,7 @@ class LLM:
         )
 
         self.model = build_model(hf_config, self.dtype, self.device, source.architectures)
+        weights_arena = move_params_into_arena(self.model, lambda n: self.platform.create_arena(n, self.device))
         source.load_weights(self.model)
         self.tokenizer = source.load_tokenizer(tokenizer)
         eos_ids = source.eos_token_ids(self.tokenizer)
@@ -97,7 +100,9 @@ class LLM:
             runner, self.platform, self.device, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
         )
-        runner.init_kv_cache(num_blocks)
+        kv_arena = runner.init_kv_cache(num_blocks)
+        self.memory = MemoryManager(weights_arena, kv_arena, pin_host=self.platform.pin_host_memory)
+        self._updater = WeightUpdater(self.model)
         kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.engine = LLMEngine(runner, Scheduler(sched_config, kv), self.tokenizer, eos_ids, self.platform)
         self.input_processor = InputProcessor(
@@ -131,6 +136,7 @@ class LLM:
         ``InvalidRequestError`` leaves the engine as it was. Returns one RequestOutput per
         prompt, in prompt order.
         """
+        self._require_awake("generate")
         items = split_prompts(prompts)
         params = expand_params(sampling_params, len(items))
         for sp in {id(p): p for p in params}.values():
@@ -156,6 +162,91 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[rid] for rid in request_ids]
+
+
+    # ---- sleep, wake, weight updates --------------------------------------------------
+    @property
+    def weight_version(self) -> int:
+        """Bumped by every successful weight update; carried by every RequestOutput."""
+        return self.engine.weight_version
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.memory.is_sleeping
+
+    def sleep(self, level: int = 1) -> None:
+        """Hand device memory back (to the trainer). Level 1: the KV cache is dropped and
+        the weights are copied to (pinned) host memory; level 2: both are dropped and the
+        weights must come back through ``update_weights`` or ``load_weights``. Requests in
+        flight lose their KV and are recomputed after the wake. Sleeping twice is a no-op."""
+        t0 = time.perf_counter()
+        before = self.memory.memory_usage()
+        if self.memory.arenas["kv_cache"].is_mapped:
+            self.engine.drop_kv_cache()
+        self.memory.sleep(level)
+        if level == 2:
+            self._updater.discard()
+        logger.info(
+            "sleep(level=%d) in %.3fs: freed %d bytes of device memory", level, time.perf_counter() - t0,
+            sum(v["device"] for v in before.values()) - sum(v["device"] for v in self.memory.memory_usage().values()),
+        )
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take device memory back: ``tags`` from "weights", "kv_cache" (None: both). On CUDA
+        the addresses are the ones before sleep. Raises WakeOOMError, with nothing left
+        half-mapped, when the device has no room; waking what is awake is a no-op."""
+        t0 = time.perf_counter()
+        woken = self.memory.wake_up(tags)
+        if woken:
+            logger.info("wake_up(%s) in %.3fs", woken, time.perf_counter() - t0)
+
+    def memory_usage(self) -> dict[str, dict[str, int]]:
+        """Bytes held per tag: ``{"weights": {"device": n, "host": m}, "kv_cache": {...}}``."""
+        return self.memory.memory_usage()
+
+    def update_weights(self, named_tensors: Any, version: int | None = None) -> int:
+        """Load new weights in place from (HF name, tensor) pairs: any device, any floating
+        dtype, any subset of the model's weights (fused q/k/v and gate/up and tied
+        embeddings map as in checkpoint loading). Every name and shape is checked before
+        the first copy; on a problem ``WeightUpdateError`` names it and the old weights stay.
+        On success the prefix cache is reset and ``weight_version`` is bumped (or set to
+        ``version``). Returns the number of tensors loaded."""
+        self._require_awake("update_weights", tags=("weights",))
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        shapes = []
+        for i, item in enumerate(items):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], torch.Tensor)):
+                raise WeightUpdateError(f"named_tensors[{i}] is {type(item).__name__}, expected a (str, torch.Tensor) pair")
+            shapes.append((item[0], item[1].shape, item[1].dtype))
+        n = self._updater.apply(shapes, (t for _, t in items), require_all=False, error_cls=WeightUpdateError)
+        self._after_update(version)
+        return n
+
+    def load_weights(self, path: str, version: int | None = None) -> int:
+        """``update_weights`` from a safetensors checkpoint directory (pickle is refused)."""
+        self._require_awake("load_weights", tags=("weights",))
+        shapes, tensors = read_checkpoint(path)
+        n = self._updater.apply(shapes, tensors, require_all=False, error_cls=CheckpointError)
+        self._after_update(version)
+        return n
+
+    def _after_update(self, version: int | None) -> None:
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise InvalidRequestError("version", version, "None or an int")
+        self.engine.reset_prefix_cache()
+        self.engine.weight_version = self.engine.weight_version + 1 if version is None else version
+
+    def _require_awake(self, what: str, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        asleep = [t for t in tags if t in self.memory.asleep_tags()]
+        if asleep:
+            raise EngineSleepingError(f"{what} needs {asleep} awake: call wake_up({asleep}) first")
+        if "kv_cache" in tags and self._updater.missing_names:
+            missing = self._updater.missing_names
+            raise EngineSleepingError(
+                f"{what}: weights were discarded by sleep(level=2) and {len(missing)} are not loaded again "
+                f"(e.g. {missing[:3]}); call update_weights or load_weights with them first"
+            )
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -13,7 +13,7 @@ from torch import nn
 
 from rollout.errors import CheckpointError
 from rollout.models.registry import resolve_model_class
-from rollout.models.weights import WeightMap, copy_weights, plan_load
+from rollout.models.updater import WeightUpdater
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -80,17 +80,12 @@ def load_named_tensors(
     Raises ``error_cls`` listing the problems before anything is copied. Returns the
     number of tensors loaded.
     """
-    targets, problems = plan_load(WeightMap(model), shapes, require_all=require_all)
-    if problems:
-        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-        raise error_cls("; ".join(problems[:_MAX_LISTED]) + more)
-    wanted = {t.hf_name for t in targets}
-    copy_weights(targets, (t for name, t in zip((s[0] for s in shapes), tensors) if name in wanted))
-    return len(targets)
+    return WeightUpdater(model).apply(shapes, tensors, require_all=require_all, error_cls=error_cls)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> int:
-    """Load every tensor of a safetensors checkpoint directory; all-or-nothing on errors."""
+def read_checkpoint(path: str | Path) -> tuple[list[tuple[str, torch.Size, torch.dtype]], Iterator[torch.Tensor]]:
+    """(name, shape, dtype) of every tensor of a safetensors checkpoint directory, read from
+    the headers only, and a lazy stream of the tensors in the same order."""
     files = checkpoint_files(path)
     shapes = []
     for f in files:
@@ -102,7 +97,13 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> int:
                     shapes.append((name, torch.Size(sl.get_shape()), dtype))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{str(f)!r} is not a readable safetensors file: {e}") from e
-    return load_named_tensors(model, shapes, _stream(files), require_all=True)
+    return shapes, _stream(files)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> int:
+    """Load every tensor of a safetensors checkpoint directory; all-or-nothing on errors."""
+    shapes, tensors = read_checkpoint(path)
+    return load_named_tensors(model, shapes, tensors, require_all=True)
 
 
 def _stream(files: list[Path]) -> Iterator[torch.Tensor]:

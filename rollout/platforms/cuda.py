@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rollout.platforms.interface import Platform
+
+logger = logging.getLogger(__name__)
 
 
 class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
     supports_cuda_graphs = True
-    # False until the sleep/wake work lands; that issue sets it once virtual memory works.
-    supports_virtual_memory = False
+    pin_host_memory = True
 
     @classmethod
     def is_available(cls) -> bool:
@@ -37,3 +40,19 @@ class CudaPlatform(Platform):
     def mem_get_info(self, device: torch.device) -> tuple[int, int]:
         free, total = torch.cuda.mem_get_info(device)
         return int(free), int(total)
+
+    @property
+    def supports_virtual_memory(self) -> bool:  # type: ignore[override]
+        from rollout.memory.cuda_vmm import vmm_available
+
+        return vmm_available()
+
+    def create_arena(self, nbytes: int, device: torch.device):
+        """CUDA virtual memory when cuda-python is installed: the arena keeps its address
+        across sleep/wake, so captured CUDA graphs stay valid."""
+        if self.supports_virtual_memory:
+            from rollout.memory.cuda_vmm import CudaVMMArena
+
+            return CudaVMMArena(nbytes, device)
+        logger.warning("cuda-python is not installed: sleep/wake will move device addresses")
+        return super().create_arena(nbytes, device)

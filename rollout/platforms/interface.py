@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from rollout.errors import PlatformError
+
+if TYPE_CHECKING:
+    from rollout.memory.arena import Arena
 
 
 class Platform(ABC):
@@ -28,6 +33,8 @@ class Platform(ABC):
     device_type: str
     supports_cuda_graphs: bool = False
     supports_virtual_memory: bool = False
+    # Host copies of device memory (weights during sleep(level=1)) use pinned memory.
+    pin_host_memory: bool = False
 
     @classmethod
     @abstractmethod
@@ -80,6 +87,13 @@ class Platform(ABC):
         device's memory."""
         free, total = self.mem_get_info(device)
         return max(0, int(total * memory_utilization) - (total - free))
+
+    def create_arena(self, nbytes: int, device: torch.device) -> Arena:
+        """A flat buffer the engine can release and restore (weights, KV cache). The base
+        arena re-allocates on restore; platforms with virtual memory keep the address."""
+        from rollout.memory.arena import StorageArena
+
+        return StorageArena(nbytes, device)
 
     def manual_seed_generator(self, seed: int, device: torch.device) -> torch.Generator:
         """A new generator on ``device`` seeded with ``seed``; the global RNG is untouched."""

@@ -1,0 +1,54 @@
+"""WeightUpdater: HF-named tensors into a live model as one transaction.
+
+The same mechanism serves the initial checkpoint load, ``load_weights`` and
+``update_weights``: validate every name, shape and dtype (no tensor touched), then copy
+each tensor in place through its parameter's ``weight_loader``. It also remembers which
+weights are undefined after their memory was discarded (``sleep(level=2)``) until
+updates have written every one of them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from rollout.models.weights import WeightMap, copy_weights, plan_load
+
+_MAX_LISTED = 10
+
+
+class WeightUpdater:
+    def __init__(self, model: nn.Module) -> None:
+        self.weight_map = WeightMap(model)
+        self._missing: set = set()
+
+    @property
+    def missing_names(self) -> list[str]:
+        """HF names of weights whose contents are undefined (empty when all are loaded)."""
+        return [self.weight_map.required[k] for k in self.weight_map.required if k in self._missing]
+
+    def discard(self) -> None:
+        """Every weight's contents are gone (their memory was released without a copy)."""
+        self._missing = set(self.weight_map.required)
+
+    def apply(
+        self,
+        shapes: list[tuple[str, torch.Size, torch.dtype]],
+        tensors: Iterable[torch.Tensor],
+        *,
+        require_all: bool,
+        error_cls: type[Exception],
+    ) -> int:
+        """Validate ``shapes`` (name, shape, dtype per tensor), then stream ``tensors`` (same
+        order) into the model. Raises ``error_cls`` listing every problem before any copy.
+        Returns the number of tensors copied."""
+        targets, problems = plan_load(self.weight_map, shapes, require_all=require_all)
+        if problems:
+            more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+            raise error_cls("; ".join(problems[:_MAX_LISTED]) + more)
+        wanted = {t.hf_name for t in targets}
+        copy_weights(targets, (t for (name, _, _), t in zip(shapes, tensors) if name in wanted))
+        self._missing.difference_update((id(t.param), t.shard_id) for t in targets)
+        return len(targets)
