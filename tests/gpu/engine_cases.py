@@ -1,0 +1,152 @@
+"""GPU cases of the engine, each run in a fresh process by test_engine_gpu.py:
+``python -m tests.gpu.engine_cases CASE WORKDIR`` prints one JSON line of results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rollout import LLM, SamplingParams
+from rollout.errors import WakeOOMError
+from tests.helpers.models import VARIANTS, build_model_dir
+from tests.helpers.tokenizer import build_tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+PROMPTS = [[5, 6, 7], list(range(10, 60)), [9], list(range(100, 117))]
+
+
+def _dirs(work: Path) -> dict[str, Path]:
+    tok = work / "tok"
+    if not tok.exists():
+        build_tokenizer(tok)
+    out = {}
+    for name in VARIANTS:
+        d = work / name
+        if not (d / "config.json").exists():
+            build_model_dir(name, d, tok)
+        out[name] = d
+    out["llama_b"] = work / "llama_b"
+    if not (out["llama_b"] / "config.json").exists():
+        build_model_dir("llama", out["llama_b"], tok, seed=1)
+    return out
+
+
+def _tokens(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+def case_matches_cpu(work: Path) -> dict:
+    """fp32 greedy on the GPU (graphs and eager) equals the CPU path, every architecture."""
+    res = {}
+    for name, d in _dirs(work).items():
+        cpu = _tokens(LLM(str(d), dtype="float32", device="cpu", num_kv_blocks=128))
+        graphs = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128)
+        eager = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128, enforce_eager=True)
+        res[name] = {"graphs": _tokens(graphs) == cpu, "eager": _tokens(eager) == cpu,
+                     "captured": graphs.engine.runner.graphs is not None}
+    return res
+
+
+def _warm_libraries() -> None:
+    """Load cuBLAS and the attention kernels first: their code and handles are the process's,
+    not the engine's footprint."""
+    a = torch.randn(64, 64, device="cuda")
+    (a @ a).sum().item()
+    q = torch.randn(1, 4, 3, 16, device="cuda")
+    torch.nn.functional.scaled_dot_product_attention(q, q[:, :2], q[:, :2], enable_gqa=True).sum().item()
+    del a, q
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def case_sleep_frees_memory(work: Path) -> dict:
+    d = _dirs(work)["llama"]
+    _warm_libraries()
+    free0, _ = torch.cuda.mem_get_info()
+    reserved0 = torch.cuda.memory_reserved()
+    llm = LLM(str(d), dtype="float32", device="cuda", kv_cache_memory_bytes=4 << 30)
+    ref = _tokens(llm)
+    torch.cuda.synchronize()
+    free1, _ = torch.cuda.mem_get_info()
+    # What the engine allocated: its arenas plus what torch's allocator reserved for it
+    # (activations, graph pools). The rest of free0 - free1 is CUDA's own: kernel code the
+    # process loaded on first use, graph objects; it stays with the process.
+    arenas = sum(v["device"] for v in llm.memory_usage().values())
+    footprint = arenas + torch.cuda.memory_reserved() - reserved0
+    ptrs = {n: p.data_ptr() for n, p in llm.model.named_parameters()}
+    kv_ptr = llm.engine.runner.kv_caches[0].data_ptr()
+    out = {"footprint": footprint, "arenas": arenas, "process_delta": free0 - free1}
+    for level in (1, 2):
+        llm.sleep(level)
+        torch.cuda.synchronize()
+        free2, _ = torch.cuda.mem_get_info()
+        out[f"returned_fraction_level{level}"] = (free2 - free1) / footprint
+        out[f"returned_of_process_delta_level{level}"] = (free2 - free1) / (free0 - free1)
+        llm.wake_up(["weights"])
+        if level == 2:
+            llm.load_weights(str(d))
+        llm.wake_up(["kv_cache"])
+        out[f"same_output_level{level}"] = _tokens(llm) == ref
+    sd = {n: p.detach().clone() for n, p in llm.model.named_parameters()}
+    from safetensors.torch import load_file
+
+    llm.update_weights(load_file(str(_dirs(work)["llama_b"] / "model.safetensors")).items())
+    out["params_ptrs_unchanged"] = all(p.data_ptr() == ptrs[n] for n, p in llm.model.named_parameters())
+    out["kv_ptr_unchanged"] = llm.engine.runner.kv_caches[0].data_ptr() == kv_ptr
+    out["update_changed_weights"] = any(not torch.equal(p, sd[n]) for n, p in llm.model.named_parameters())
+    out["vmm"] = llm.memory.arenas["weights"].keeps_address
+    return out
+
+
+def case_graph_replay_after_wake(work: Path) -> dict:
+    """After sleep/wake (both levels) the captured graphs replay to the eager result."""
+    d = _dirs(work)["qwen3"]
+    eager = _tokens(LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128, enforce_eager=True))
+    llm = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128)
+    out = {"before": _tokens(llm) == eager}
+    n_graphs = len(llm.engine.runner.graphs.graphs)
+    for level in (1, 2):
+        llm.sleep(level)
+        llm.wake_up(["weights"])
+        if level == 2:
+            llm.load_weights(str(d))
+        llm.wake_up(["kv_cache"])
+        out[f"after_level{level}"] = _tokens(llm) == eager
+    out["no_recapture"] = len(llm.engine.runner.graphs.graphs) == n_graphs
+    return out
+
+
+def case_wake_oom_rollback(work: Path) -> dict:
+    d = _dirs(work)["llama"]
+    llm = LLM(str(d), dtype="float32", device="cuda", kv_cache_memory_bytes=8 << 30)
+    ref = _tokens(llm)
+    llm.sleep(1)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    # Leave room for the weights but not for the KV cache: the wake must undo the weights.
+    hog = torch.empty(free - (1 << 30), dtype=torch.uint8, device="cuda")
+    out = {}
+    try:
+        llm.wake_up()
+        out["raised"] = False
+    except WakeOOMError as e:
+        out["raised"] = True
+        out["message"] = str(e)[:200]
+    out["nothing_mapped"] = all(v["device"] == 0 for v in llm.memory_usage().values())
+    del hog
+    torch.cuda.empty_cache()
+    llm.wake_up()
+    out["later_wake_ok"] = _tokens(llm) == ref
+    return out
+
+
+CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_graph_replay_after_wake, case_wake_oom_rollback)}
+
+if __name__ == "__main__":
+    name, work = sys.argv[1], Path(sys.argv[2])
+    work.mkdir(parents=True, exist_ok=True)
+    print("RESULT " + json.dumps(CASES[name](work)))

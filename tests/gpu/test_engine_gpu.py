@@ -1,0 +1,48 @@
+"""GPU behaviour of the engine (marker gpu): each case in a fresh process, so CUDA state
+(graphs, virtual memory, the caching allocator) never leaks between cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_case(name: str, tmp_path_factory) -> dict:
+    work = tmp_path_factory.getbasetemp() / "gpu_models"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.gpu.engine_cases", name, str(work)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_gpu_greedy_matches_cpu(tmp_path_factory):
+    res = run_case("matches_cpu", tmp_path_factory)
+    for name, r in res.items():
+        assert r == {"graphs": True, "eager": True, "captured": True}, (name, r)
+
+
+def test_sleep_returns_memory_and_keeps_addresses(tmp_path_factory):
+    r = run_case("sleep_frees_memory", tmp_path_factory)
+    assert r["returned_fraction_level1"] >= 0.95 and r["returned_fraction_level2"] >= 0.95, r
+    assert r["same_output_level1"] and r["same_output_level2"], r
+    assert r["params_ptrs_unchanged"] and r["kv_ptr_unchanged"] and r["update_changed_weights"] and r["vmm"], r
+
+
+def test_graph_replay_after_wake_equals_eager(tmp_path_factory):
+    r = run_case("graph_replay_after_wake", tmp_path_factory)
+    assert all(r.values()), r
+
+
+def test_wake_oom_rolls_back(tmp_path_factory):
+    r = run_case("wake_oom_rollback", tmp_path_factory)
+    assert r["raised"] and r["nothing_mapped"] and r["later_wake_ok"], r
