@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rollout.errors import PlatformError
 from rollout.forward_context import AttentionBackend, AttentionMetadata
-from rollout.kernels.attention import paged_attention_ref, paged_attention_sdpa, write_kv_ref
+from rollout.kernels.attention import paged_attention_ref, paged_attention_sdpa, paged_decode_sdpa, write_kv_ref
 
 
 def _torch_attention(q, kv_cache, md: AttentionMetadata, scale: float):
@@ -12,7 +14,25 @@ def _torch_attention(q, kv_cache, md: AttentionMetadata, scale: float):
 
 
 def _sdpa_attention(q, kv_cache, md: AttentionMetadata, scale: float):
+    if md.decode_only:
+        return paged_decode_sdpa(q, kv_cache, md.block_tables, md.seq_lens, scale)
     return paged_attention_sdpa(q, kv_cache, md.block_tables, md.query_start_loc_cpu, md.seq_lens_cpu, scale)
+
+
+def _triton_backend() -> AttentionBackend:
+    """Triton kernels (GPU). Imported on first use: installs without triton still import us."""
+    try:
+        from rollout.kernels.triton_attention import paged_attention, write_kv
+    except ImportError as e:
+        raise PlatformError(f"attention backend 'triton' needs triton: {e}") from e
+
+    def attention(q, kv_cache, md: AttentionMetadata, scale: float):
+        return paged_attention(
+            q, kv_cache, md.block_tables, md.query_start_loc, md.seq_lens, scale,
+            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+        )
+
+    return AttentionBackend("triton", write_kv, attention)
 
 
 _BACKENDS = {
@@ -21,10 +41,17 @@ _BACKENDS = {
     # The same maths through SDPA with decodes batched: the default off-GPU fast path.
     "torch_sdpa": AttentionBackend("torch_sdpa", write_kv_ref, _sdpa_attention),
 }
+# Backends whose kernels need an optional package: built on first use.
+_LAZY_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    # One Triton launch per step over prefill chunks and decodes; write_kv skips slot < 0.
+    "triton": _triton_backend,
+}
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
-    try:
+    if name in _BACKENDS:
         return _BACKENDS[name]
-    except KeyError:
-        raise PlatformError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}") from None
+    if name in _LAZY_BACKENDS:
+        return _LAZY_BACKENDS[name]()
+    known = sorted([*_BACKENDS, *_LAZY_BACKENDS])
+    raise PlatformError(f"unknown attention backend {name!r}; known: {known}")

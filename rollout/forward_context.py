@@ -19,10 +19,13 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32, cumulative query lengths
     seq_lens: torch.Tensor  # [num_reqs] int32, context + new tokens
-    query_start_loc_cpu: torch.Tensor  # host mirrors, for kernels that loop or size grids
-    seq_lens_cpu: torch.Tensor
+    query_start_loc_cpu: torch.Tensor | None  # host mirrors, for kernels that loop or size
+    seq_lens_cpu: torch.Tensor | None  # grids; None inside a CUDA graph capture
     max_query_len: int
     max_seq_len: int
+    # Every request has exactly one new token (a CUDA-graph decode step): backends must
+    # then read only the device tensors above.
+    decode_only: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rollout.engine.request import PromptLogprobsSpec
 from rollout.engine.scheduler import NewRequestData
 from rollout.sampling_params import SamplingParams
 
@@ -21,10 +22,12 @@ class RowState:
     stop_token_ids: tuple[int, ...]
     generator: torch.Generator | None
     num_prompt_tokens: int
+    prompt_logprobs: PromptLogprobsSpec | None = None
 
 
 class InputBatch:
     def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
+        self.max_num_reqs = max_num_reqs
         self.token_ids_cpu = torch.zeros(max_num_reqs, max_model_len + 1, dtype=torch.int64)
         self.num_tokens_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)  # [max_num_reqs]
         self.num_computed_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
@@ -44,7 +47,8 @@ class InputBatch:
         self.num_blocks_cpu[idx] = 0
         self.append_blocks(idx, new.block_ids)
         self.states[idx] = RowState(
-            new.req_id, new.sampling_params, new.stop_token_ids, new.generator, new.num_prompt_tokens
+            new.req_id, new.sampling_params, new.stop_token_ids, new.generator, new.num_prompt_tokens,
+            new.prompt_logprobs,
         )
 
     def remove(self, req_id: str) -> None:

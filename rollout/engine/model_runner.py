@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from rollout.attention_backends import get_attention_backend
+from rollout.engine.cuda_graphs import CudaGraphRunner
 from rollout.engine.input_batch import InputBatch
 from rollout.engine.request import TokenLogprobs
 from rollout.engine.sampler import Sampler, SamplingMetadata, gather_logprobs
@@ -48,6 +49,7 @@ class ModelRunner:
         # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)).
         self.generator = platform.manual_seed_generator(seed, device)
         self.kv_arena: Arena | None = None
+        self.graphs: CudaGraphRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
 
     # ---- KV cache --------------------------------------------------------------------
@@ -61,10 +63,21 @@ class ModelRunner:
         re-back it as a whole."""
         layers = len(self.model.model.layers)
         dtype = next(self.model.parameters()).dtype
-        shape = (layers, 2, num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
-        self.kv_arena = self.platform.create_arena(num_blocks * self.kv_bytes_per_block(), self.device)
+        # One block more than the pool manages: the scratch block CUDA-graph padding writes to.
+        self.scratch_block = num_blocks
+        shape = (layers, 2, num_blocks + 1, self.block_size, self.model.num_kv_heads, self.model.head_dim)
+        self.kv_arena = self.platform.create_arena((num_blocks + 1) * self.kv_bytes_per_block(), self.device)
         self.kv_caches = list(self.kv_arena.view(0, shape, dtype).unbind(0))
         return self.kv_arena
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode steps for a ladder of batch sizes (CUDA platforms only)."""
+        self.graphs = CudaGraphRunner(
+            self.model, self.kv_caches, self.backend, self.device, max_num_reqs=self.batch.max_num_reqs,
+            max_blocks_per_req=self.max_blocks_per_req, block_size=self.block_size,
+            scratch_block=self.scratch_block, max_seq_len=self.max_model_len,
+        )
+        self.graphs.capture()
 
     # ---- one step ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -74,16 +87,28 @@ class ModelRunner:
         rows = torch.tensor([self.batch.rows[r] for r in req_ids], dtype=torch.int64)
         num_sched = torch.tensor(list(sched.num_scheduled_tokens.values()), dtype=torch.int64)
         inputs = self._prepare_inputs(rows, num_sched)
-        ctx = ForwardContext(inputs["attn"], self.kv_caches, self.backend)
-        with set_forward_context(ctx):
-            hidden = self.model(inputs["input_ids"], inputs["positions"])  # [num_tokens, hidden]
-            logits = self.model.compute_logits(hidden[inputs["logits_indices"]])  # [num_reqs, vocab]
+        md = inputs["attn"]
+        if self._use_graphs(rows, md):
+            hidden = None
+            logits = self.graphs.run(inputs["input_ids"], inputs["positions"], md.slot_mapping, md.block_tables, md.seq_lens)
+        else:
+            with set_forward_context(ForwardContext(md, self.kv_caches, self.backend)):
+                hidden = self.model(inputs["input_ids"], inputs["positions"])  # [num_tokens, hidden]
+                logits = self.model.compute_logits(hidden[inputs["logits_indices"]])  # [num_reqs, vocab]
         # Rows that reach the end of their known tokens; a prefill chunk's sample is discarded.
         completes = (self.batch.num_computed_cpu[rows] + num_sched >= self.batch.num_tokens_cpu[rows]).tolist()
         out = self._sample(req_ids, rows, completes, logits)
         self._prompt_logprobs(req_ids, rows, num_sched, inputs, hidden, out)
         self._advance(rows, num_sched, out.sampled_token_ids)
         return out
+
+    def _use_graphs(self, rows: torch.Tensor, md: AttentionMetadata) -> bool:
+        """Replay a graph for steps of single-token requests none of which needs the hidden
+        states of its prompt (prompt logprobs)."""
+        if self.graphs is None or md.max_query_len != 1 or not self.graphs.can_run(len(rows)):
+            return False
+        states = self.batch.states
+        return all(states[r].params.prompt_logprobs is None for r in rows.tolist())
 
     def _update_batch(self, sched: SchedulerOutput) -> None:
         for req_id in sched.removed_req_ids:

@@ -19,7 +19,7 @@ from rollout.engine.scheduler import Scheduler, SchedulerConfig
 from rollout.entrypoints.model_source import ModelSource
 from rollout.errors import CheckpointError, EngineSleepingError, InvalidRequestError, WeightUpdateError
 from rollout.memory.manager import MemoryManager, move_params_into_arena
-from rollout.models.loader import build_model, read_checkpoint
+from rollout.models.loader import build_model, init_dummy_weights, read_checkpoint
 from rollout.models.updater import WeightUpdater
 from rollout.outputs import RequestOutput
 from rollout.platforms import get_platform
@@ -62,6 +62,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
+        load_format: str = "auto",
     ) -> None:
         t0 = time.perf_counter()
         cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
@@ -69,7 +70,7 @@ class LLM:
             raise InvalidRequestError("seed", seed, "an int")
         self.platform = get_platform(device)
         self.device = self.platform.parse_device(device)
-        source = ModelSource.from_arg(model)
+        source = ModelSource.from_arg(model, load_format)
         hf_config = source.hf_config
         self.dtype = resolve_dtype(dtype, source.checkpoint_dtype())
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -87,7 +88,10 @@ class LLM:
 
         self.model = build_model(hf_config, self.dtype, self.device, source.architectures)
         weights_arena = move_params_into_arena(self.model, lambda n: self.platform.create_arena(n, self.device))
-        source.load_weights(self.model)
+        if load_format == "dummy":  # random weights (benchmarks): no checkpoint is read
+            init_dummy_weights(self.model, seed)
+        else:
+            source.load_weights(self.model)
         self.tokenizer = source.load_tokenizer(tokenizer)
         eos_ids = source.eos_token_ids(self.tokenizer)
         self.hf_config = hf_config
@@ -101,6 +105,8 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
         )
         kv_arena = runner.init_kv_cache(num_blocks)
+        if self.platform.supports_cuda_graphs and not enforce_eager:
+            runner.capture_cuda_graphs()
         self.memory = MemoryManager(weights_arena, kv_arena, pin_host=self.platform.pin_host_memory)
         self._updater = WeightUpdater(self.model)
         kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
@@ -184,6 +190,7 @@ class LLM:
         if self.memory.arenas["kv_cache"].is_mapped:
             self.engine.drop_kv_cache()
         self.memory.sleep(level)
+        self.platform.release_cached_memory(self.device)
         if level == 2:
             self._updater.discard()
         logger.info(

@@ -108,3 +108,24 @@ def paged_attention_sdpa(
         )
         out[starts[i] : starts[i + 1]] = o.transpose(0, 1)
     return out
+
+
+def paged_decode_sdpa(
+    query: torch.Tensor,  # [num_reqs, num_heads, head_dim]: one new token per request
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int: every column is gathered
+    seq_lens: torch.Tensor,  # [num_reqs] int, device
+    scale: float,
+) -> torch.Tensor:
+    """Decode-only attention from device tensors alone (no host reads), so it can be
+    captured in a CUDA graph. It gathers the whole block table, so it reads more than
+    needed: the fallback when no paged kernel is available."""
+    blocks = block_tables.long()
+    k = kv_cache[0, blocks].flatten(1, 2).transpose(1, 2)  # [reqs, kv_heads, ctx, head_dim]
+    v = kv_cache[1, blocks].flatten(1, 2).transpose(1, 2)
+    valid = torch.arange(k.shape[2], device=query.device)[None, :] < seq_lens[:, None].long()
+    o = F.scaled_dot_product_attention(
+        query.unsqueeze(2), k.to(query.dtype), v.to(query.dtype), attn_mask=valid[:, None, None, :],
+        scale=scale, enable_gqa=True,
+    )
+    return o.squeeze(2)

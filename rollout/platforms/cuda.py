@@ -56,3 +56,7 @@ class CudaPlatform(Platform):
             return CudaVMMArena(nbytes, device)
         logger.warning("cuda-python is not installed: sleep/wake will move device addresses")
         return super().create_arena(nbytes, device)
+
+    def release_cached_memory(self, device: torch.device) -> None:
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()

@@ -95,6 +95,9 @@ class Platform(ABC):
 
         return StorageArena(nbytes, device)
 
+    def release_cached_memory(self, device: torch.device) -> None:
+        """Return memory the framework's allocator holds but no tensor uses (after sleep)."""
+
     def manual_seed_generator(self, seed: int, device: torch.device) -> torch.Generator:
         """A new generator on ``device`` seeded with ``seed``; the global RNG is untouched."""
         gen = torch.Generator(device=device)
