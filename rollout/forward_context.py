@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rollout.ops import TORCH_OPS, Ops
+
 
 @dataclass
 class AttentionMetadata:
@@ -42,6 +44,7 @@ class ForwardContext:
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
     backend: AttentionBackend
+    ops: Ops = TORCH_OPS  # RMSNorm, rotary, SiLU-and-mul implementations
 
 
 _current: ForwardContext | None = None
@@ -64,3 +67,9 @@ def get_forward_context() -> ForwardContext:
     if _current is None:
         raise RuntimeError("no forward context: attention layers run only inside the model runner")
     return _current
+
+
+def current_ops() -> Ops:
+    """The op set of the forward in progress; the torch references outside one (tests,
+    layers used on their own)."""
+    return TORCH_OPS if _current is None else _current.ops

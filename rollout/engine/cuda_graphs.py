@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rollout.forward_context import AttentionBackend, AttentionMetadata, ForwardContext, set_forward_context
+from rollout.ops import Ops
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,14 @@ def capture_sizes(max_num_reqs: int) -> list[int]:
 
 class CudaGraphRunner:
     def __init__(
-        self, model: nn.Module, kv_caches: list[torch.Tensor], backend: AttentionBackend,
+        self, model: nn.Module, kv_caches: list[torch.Tensor], backend: AttentionBackend, ops: Ops,
         device: torch.device, *, max_num_reqs: int, max_blocks_per_req: int, block_size: int,
         scratch_block: int, max_seq_len: int,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
+        self.ops = ops
         self.device = device
         self.sizes = capture_sizes(max_num_reqs)
         self.max_seq_len = max_seq_len
@@ -63,7 +65,7 @@ class CudaGraphRunner:
             query_start_loc_cpu=None, seq_lens_cpu=None, max_query_len=1, max_seq_len=self.max_seq_len,
             decode_only=True,
         )
-        with set_forward_context(ForwardContext(md, self.kv_caches, self.backend)):
+        with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):
             hidden = self.model(self.input_ids[:size], self.positions[:size])
             return self.model.compute_logits(hidden)
 

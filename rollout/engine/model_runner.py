@@ -15,10 +15,11 @@ from rollout.attention_backends import get_attention_backend
 from rollout.engine.cuda_graphs import CudaGraphRunner
 from rollout.engine.input_batch import InputBatch
 from rollout.engine.request import TokenLogprobs
-from rollout.engine.sampler import Sampler, SamplingMetadata, gather_logprobs
+from rollout.engine.sampler import LOGPROBS_MODE_IDS, Sampler, SamplingMetadata, gather_logprobs
 from rollout.engine.scheduler import SchedulerOutput
 from rollout.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from rollout.memory.arena import Arena
+from rollout.ops import get_ops
 from rollout.platforms import Platform
 
 
@@ -46,6 +47,7 @@ class ModelRunner:
         self.batch = InputBatch(max_num_reqs, max_model_len, self.max_blocks_per_req)
         self.sampler = Sampler()
         self.backend = get_attention_backend(platform.attention_backend())
+        self.ops = get_ops(platform.ops_backend())
         # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)).
         self.generator = platform.manual_seed_generator(seed, device)
         self.kv_arena: Arena | None = None
@@ -73,7 +75,7 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps for a ladder of batch sizes (CUDA platforms only)."""
         self.graphs = CudaGraphRunner(
-            self.model, self.kv_caches, self.backend, self.device, max_num_reqs=self.batch.max_num_reqs,
+            self.model, self.kv_caches, self.backend, self.ops, self.device, max_num_reqs=self.batch.max_num_reqs,
             max_blocks_per_req=self.max_blocks_per_req, block_size=self.block_size,
             scratch_block=self.scratch_block, max_seq_len=self.max_model_len,
         )
@@ -92,7 +94,7 @@ class ModelRunner:
             hidden = None
             logits = self.graphs.run(inputs["input_ids"], inputs["positions"], md.slot_mapping, md.block_tables, md.seq_lens)
         else:
-            with set_forward_context(ForwardContext(md, self.kv_caches, self.backend)):
+            with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):
                 hidden = self.model(inputs["input_ids"], inputs["positions"])  # [num_tokens, hidden]
                 logits = self.model.compute_logits(hidden[inputs["logits_indices"]])  # [num_reqs, vocab]
         # Rows that reach the end of their known tokens; a prefill chunk's sample is discarded.
@@ -108,7 +110,7 @@ class ModelRunner:
         if self.graphs is None or md.max_query_len != 1 or not self.graphs.can_run(len(rows)):
             return False
         states = self.batch.states
-        return all(states[r].params.prompt_logprobs is None for r in rows.tolist())
+        return all(states[r].prompt_logprobs is None for r in rows.tolist())
 
     def _update_batch(self, sched: SchedulerOutput) -> None:
         for req_id in sched.removed_req_ids:
@@ -172,6 +174,7 @@ class ModelRunner:
             if num_out < s.params.min_tokens and s.stop_token_ids:
                 banned[i] = list(s.stop_token_ids)
         k = [p.logprobs for p in params if p.logprobs is not None]
+        modes = [LOGPROBS_MODE_IDS[p.logprobs_mode] for p in params]
         return SamplingMetadata(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             # Only a sample that is kept draws from the request's own generator, so a seeded
@@ -183,6 +186,7 @@ class ModelRunner:
             all_greedy=all(p.greedy for p in params),
             max_num_logprobs=max(k) if k else None,
             banned_token_ids=banned,
+            logprobs_mode=torch.tensor(modes, dtype=torch.int64, device=self.device) if any(modes) else None,
         )
 
     def _sample(
@@ -209,22 +213,28 @@ class ModelRunner:
         return ModelRunnerOutput(req_ids, sampled, logprobs)
 
     def _prompt_logprobs(self, req_ids, rows, num_sched, inputs, hidden, out: ModelRunnerOutput) -> None:
+        """Logprobs of the prompt tokens this step's chunk predicts (prompt_logprobs, and
+        LLM.score's teacher forcing): only positions from ``spec.start - 1`` on."""
         b = self.batch
         cu, positions = inputs["cu_cpu"], inputs["positions_cpu"]
         for i, r in enumerate(rows.tolist()):
             st = b.states[r]
-            k = st.params.prompt_logprobs
-            if k is None:
+            spec = st.prompt_logprobs
+            if spec is None:
                 continue
             lo, hi = int(cu[i]), int(cu[i + 1])
             pos = positions[lo:hi]
-            keep = pos + 1 < st.num_prompt_tokens  # positions that predict a prompt token
+            # Positions that predict a prompt token from spec.start on.
+            keep = (pos + 1 < st.num_prompt_tokens) & (pos + 1 >= spec.start)
             if not bool(keep.any()):
                 continue
             idx = torch.arange(lo, hi)[keep]
             targets = b.token_ids_cpu[r, pos[keep] + 1]
-            lp = torch.log_softmax(self.model.compute_logits(hidden[idx.to(self.device)]).float(), dim=-1)
-            tok_lp, ranks, top_ids, top_lp = gather_logprobs(lp, targets.to(self.device), k)
+            logits = self.model.compute_logits(hidden[idx.to(self.device)]).float()
+            if spec.temperature != 1.0:
+                logits /= spec.temperature
+            lp = torch.log_softmax(logits, dim=-1)
+            tok_lp, ranks, top_ids, top_lp = gather_logprobs(lp, targets.to(self.device), spec.num_top)
             entries = [
                 TokenLogprobs(
                     v, rk, top_ids[j].tolist() if top_ids is not None else [],

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rollout.errors import UnsupportedModelError
-from rollout.kernels.activation import silu_and_mul_ref
+from rollout.forward_context import current_ops
 from rollout.models.layers.attention import Attention
 from rollout.models.layers.embedding import LMHead, VocabEmbedding
 from rollout.models.layers.linear import ColumnLinear, QKVLinear, RowLinear
@@ -63,7 +63,7 @@ class MLP(nn.Module):
         self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul_ref(self.gate_up_proj(h)))
+        return self.down_proj(current_ops().silu_and_mul(self.gate_up_proj(h)))
 
 
 class DecoderLayer(nn.Module):

@@ -73,6 +73,10 @@ class Platform(ABC):
         """Name of the attention implementation the engine should use on this platform."""
         return "torch"
 
+    def ops_backend(self) -> str:
+        """Name of the op set (RMSNorm, rotary, SiLU-and-mul) for this platform."""
+        return "torch"
+
     @abstractmethod
     def synchronize(self, device: torch.device) -> None:
         """Block until all work queued on ``device`` has finished."""

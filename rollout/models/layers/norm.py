@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rollout.kernels.layernorm import rms_norm_ref
+from rollout.forward_context import current_ops
 from rollout.models.layers.linear import replicated_param
 
 
@@ -16,4 +16,4 @@ class RMSNorm(nn.Module):
         self.weight = replicated_param((hidden,), dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm_ref(x, self.weight, self.eps, residual)
+        return current_ops().rms_norm(x, self.weight, self.eps, residual)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rollout.errors import UnsupportedModelError
-from rollout.kernels.rotary import rotary_ref
+from rollout.forward_context import current_ops
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -57,4 +57,4 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary_ref(positions, q, k, self.cos_sin_cache)
+        return current_ops().rotary(positions, q, k, self.cos_sin_cache)

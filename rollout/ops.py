@@ -1,0 +1,40 @@
+"""Op sets: which implementation of the small per-layer ops (RMSNorm, rotary, SiLU-and-mul)
+the layers call. The platform names one; the model runner puts it in the forward context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rollout.errors import PlatformError
+from rollout.kernels.activation import silu_and_mul_ref
+from rollout.kernels.layernorm import rms_norm_ref
+from rollout.kernels.rotary import rotary_ref
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    rms_norm: Callable  # (x, weight, eps, residual=None) -> out | (out, residual)
+    rotary: Callable  # (positions, q, k, cos_sin_cache) -> (q, k)
+    silu_and_mul: Callable  # (x [T, 2d]) -> [T, d]
+
+
+TORCH_OPS = Ops("torch", rms_norm_ref, rotary_ref, silu_and_mul_ref)
+
+
+def _triton_ops() -> Ops:
+    # Imported on demand: installs without triton (or without a GPU) never load it.
+    from rollout.kernels.triton_activation import silu_and_mul
+    from rollout.kernels.triton_layernorm import rms_norm
+    from rollout.kernels.triton_rotary import rotary
+
+    return Ops("triton", rms_norm, rotary, silu_and_mul)
+
+
+def get_ops(name: str) -> Ops:
+    if name == "torch":
+        return TORCH_OPS
+    if name == "triton":
+        return _triton_ops()
+    raise PlatformError(f"unknown op set {name!r}; known: ['torch', 'triton']")
