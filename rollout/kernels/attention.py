@@ -86,6 +86,7 @@ def paged_attention_sdpa(
         rows = torch.tensor([starts[i] for i in decodes], dtype=torch.long, device=query.device)
         q = query[rows].unsqueeze(2)  # [d, heads, 1, head_dim]
         valid = torch.arange(k.shape[2], device=query.device)[None, :] < lens[:, None]  # [d, ctx]
+        k, v = _zero_invalid(k, v, valid)
         o = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
         )
@@ -124,8 +125,17 @@ def paged_decode_sdpa(
     k = kv_cache[0, blocks].flatten(1, 2).transpose(1, 2)  # [reqs, kv_heads, ctx, head_dim]
     v = kv_cache[1, blocks].flatten(1, 2).transpose(1, 2)
     valid = torch.arange(k.shape[2], device=query.device)[None, :] < seq_lens[:, None].long()
+    k, v = _zero_invalid(k, v, valid)
     o = F.scaled_dot_product_attention(
         query.unsqueeze(2), k.to(query.dtype), v.to(query.dtype), attn_mask=valid[:, None, None, :],
         scale=scale, enable_gqa=True,
     )
     return o.squeeze(2)
+
+
+def _zero_invalid(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero K/V slots past each sequence's end: they are gathered with whole blocks and may
+    hold anything (a freed request's values, bytes left by sleep); a masked score times a
+    non-finite V would still be NaN."""
+    keep = valid[:, None, :, None]  # [reqs, 1, ctx, 1]
+    return torch.where(keep, k, 0), torch.where(keep, v, 0)

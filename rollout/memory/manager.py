@@ -3,7 +3,8 @@
 - ``sleep(1)``: weights copied to a host buffer (pinned on GPU), both arenas released.
 - ``sleep(2)``: both released, nothing kept; weights come back by update or reload.
 - ``wake_up(tags)``: re-back the named arenas (same addresses on CUDA), restore weights
-  after a level-1 sleep. A wake that runs out of memory re-releases whatever it mapped.
+  after a level-1 sleep, zero the KV cache. A wake that runs out of memory re-releases
+  whatever it mapped.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ class MemoryManager:
         self.pin_host = pin_host
         self._host_weights: torch.Tensor | None = None  # level-1 copy of the weight arena
         self._host_valid = False
-        # False after sleep(2) until every weight has been written again.
-        self.weights_valid = True
 
     @property
     def is_sleeping(self) -> bool:
@@ -58,14 +57,15 @@ class MemoryManager:
         if level not in (1, 2) or isinstance(level, bool):
             raise InvalidRequestError("level", level, "1 (keep weights on the host) or 2 (discard weights)")
         weights = self.arenas["weights"]
-        if level == 1 and weights.is_mapped and self.weights_valid:
+        # Copy whatever the arena holds: weights written since a sleep(2) must survive, and
+        # the ones not written yet stay undefined (the WeightUpdater tracks which those are).
+        if level == 1 and weights.is_mapped:
             if self._host_weights is None:
                 self._host_weights = torch.empty(weights.nbytes, dtype=torch.uint8, pin_memory=self.pin_host)
             self._host_weights.copy_(weights.tensor, non_blocking=False)
             self._host_valid = True
         elif level == 2:
             self._host_weights, self._host_valid = None, False
-            self.weights_valid = False
         for arena in self.arenas.values():
             arena.release()
 
@@ -88,6 +88,10 @@ class MemoryManager:
             raise
         if "weights" in woken and self._host_valid:
             self.arenas["weights"].tensor.copy_(self._host_weights, non_blocking=False)
+        if "kv_cache" in woken:
+            # Back to the zeros of start-up, not whatever the memory held: attention reads
+            # padding slots of gathered blocks with weight 0, and 0 * NaN is NaN.
+            self.arenas["kv_cache"].tensor.zero_()
         return woken
 
     def memory_usage(self) -> dict[str, dict[str, int]]:
