@@ -17,6 +17,7 @@ from rollout.models.loader import checkpoint_files, load_checkpoint, load_named_
 logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass
@@ -26,7 +27,13 @@ class ModelSource:
     module: nn.Module | None = None
 
     @classmethod
-    def from_arg(cls, model: Any) -> ModelSource:
+    def from_arg(cls, model: Any, load_format: str = "auto") -> ModelSource:
+        """``load_format``: "auto" loads the checkpoint; "dummy" needs only the config (the
+        caller fills the weights with ``init_dummy_weights``)."""
+        if load_format not in LOAD_FORMATS:
+            raise InvalidRequestError(
+                "load_format", load_format, "'auto' (load the checkpoint) or 'dummy' (random weights, no checkpoint read)"
+            )
         if isinstance(model, nn.Module):
             if not hasattr(model, "config"):
                 raise InvalidRequestError("model", type(model).__name__, "an HF PreTrainedModel (with .config) or a directory path")
@@ -35,7 +42,8 @@ class ModelSource:
             path = Path(model)
             if not (path / "config.json").is_file():
                 raise CheckpointError(f"{str(path)!r} is not an HF model directory (no config.json)")
-            checkpoint_files(path)  # refuse pickle-only or empty checkpoints before any work
+            if load_format == "auto":
+                checkpoint_files(path)  # refuse pickle-only or empty checkpoints before any work
             return cls(_read_config(path), path=path)
         raise InvalidRequestError("model", model, "a path to an HF model directory or an HF PreTrainedModel")
 

@@ -106,6 +106,24 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> int:
     return load_named_tensors(model, shapes, tensors, require_all=True)
 
 
+def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Random weights in place, for benchmarks and tests that have no checkpoint: matrices
+    from normal(0, ``std``), 1-D weights (norm gains) 1.0, biases 0. Drawn on the
+    parameters' device from a generator seeded with ``seed`` (the global RNG is untouched),
+    in parameter order, so a seed always gives the same model."""
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied parameter comes once
+            if param.dim() >= 2:
+                gen = generators.get(param.device)
+                if gen is None:
+                    gen = generators[param.device] = torch.Generator(device=param.device)
+                    gen.manual_seed(seed)
+                param.normal_(0.0, std, generator=gen)
+            else:
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
+
+
 def _stream(files: list[Path]) -> Iterator[torch.Tensor]:
     for f in files:
         with safe_open(f, framework="pt") as st:

@@ -11,6 +11,14 @@ from rollout.platforms.interface import Platform
 logger = logging.getLogger(__name__)
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
@@ -31,8 +39,11 @@ class CudaPlatform(Platform):
         return torch.cuda.device_count()
 
     def attention_backend(self) -> str:
-        # SDPA until the Triton paged-attention backend lands; then "triton".
-        return "torch_sdpa"
+        # One Triton launch per step over prefill chunks and decodes; SDPA without triton.
+        return "triton" if _has_triton() else "torch_sdpa"
+
+    def ops_backend(self) -> str:
+        return "triton" if _has_triton() else "torch"
 
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)

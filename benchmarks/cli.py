@@ -1,0 +1,141 @@
+"""``rollout-bench``: run a workload, print a short table, save the result as JSON.
+
+    rollout-bench WORKLOAD [--model qwen3-0.6b] [--scale 0.1] [--out results.json]
+                  [--device cuda] [--dtype bfloat16] [--peer] [--peer-workload nano-bench]
+                  [--batches 1,64,256] [--kv-cache-gb 8] [--enforce-eager] [--seed 0]
+
+WORKLOAD: decode-step, nano-bench, rollout-long, peer, rl-cycle, or all (each of those
+with its default model, or ``--model`` for all of them). ``--peer`` on nano-bench or
+decode-step runs ``peer`` on that workload. The hardware roofline (copy bandwidth, matmul
+rate, pinned-copy bandwidth) is measured once at the start of the run and saved with every
+result, beside the environment (GPU, versions, date, commit), the options and the model
+configs. Default output: benchmarks/results/<workload>-<model>-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import decode_step, nano_bench, peer, rl_cycle, rollout_long, roofline
+from benchmarks.common import ROOT, Options, env_info
+from benchmarks.configs import MODELS, summary
+
+WORKLOADS: dict[str, Callable[[Options, roofline.Hardware], dict[str, Any]]] = {
+    "decode-step": decode_step.run,
+    "nano-bench": nano_bench.run,
+    "rollout-long": rollout_long.run,
+    "peer": peer.run,
+    "rl-cycle": rl_cycle.run,
+}
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
+    p = argparse.ArgumentParser(prog="rollout-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workload", choices=[*WORKLOADS, "all"])
+    p.add_argument("--model", choices=sorted(MODELS), help="default: each workload's own")
+    p.add_argument("--scale", type=float, default=1.0, help="shrink counts and lengths, in (0, 1]")
+    p.add_argument("--out", type=Path, help="JSON output path")
+    p.add_argument("--device", default=Options.device)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--peer", action="store_true", help="with nano-bench or decode-step: compare with HF generate")
+    p.add_argument("--peer-workload", default="nano-bench", choices=peer.WORKLOADS)
+    p.add_argument("--batches", default="1,64,256", help="decode-step batch sizes (before --scale)")
+    p.add_argument("--kv-cache-gb", type=float, help="KV cache size (default: the platform's)")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    workload, peer_workload = a.workload, a.peer_workload
+    if a.peer:
+        if workload not in peer.WORKLOADS:
+            p.error(f"--peer applies to {peer.WORKLOADS}, not {workload}")
+        workload, peer_workload = "peer", a.workload
+    opts = Options(
+        model=a.model, scale=a.scale, device=a.device, dtype=a.dtype, seed=a.seed,
+        kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
+        enforce_eager=a.enforce_eager, peer_workload=peer_workload,
+        batches=tuple(int(b) for b in a.batches.split(",")),
+    )
+    return workload, opts, a.out
+
+
+def run_workload(name: str, opts: Options, hw: roofline.Hardware, env: dict[str, Any]) -> dict[str, Any]:
+    result = WORKLOADS[name](opts, hw)
+    models = result.get("models") or [result["model"]]
+    return {"workload": name, "env": env, "options": opts.to_json(), "hardware": hw.to_json(),
+            "configs": {m: summary(m) for m in models}, **result}
+
+
+def print_table(record: dict[str, Any]) -> None:
+    rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in record["rows"]]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    model = record.get("model") or ",".join(record.get("models", []))
+    print(f"\n== {record['workload']} ({model}, {record['env']['gpu'] or record['env']['device']}) ==")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    hw = record["hardware"]
+    print(f"roofline: copy {hw['copy_GBps']:.0f} GB/s, matmul {hw['matmul_TFLOPs']:.1f} TFLOP/s; "
+          f"fraction of roofline {_fractions(record['roofline_fraction'])}")
+
+
+def _fractions(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fractions(x)}" for k, x in v.items())
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**6:
+        return f"{v:.3e}"
+    return str(v)
+
+
+def default_out(workload: str, opts: Options) -> Path:
+    device = torch.cuda.get_device_name(opts.torch_device) if opts.torch_device.type == "cuda" else opts.device
+    slug = re.sub(r"[^a-z0-9.]+", "-", device.lower()).strip("-")
+    return RESULTS_DIR / f"{workload}-{opts.model or 'default'}-{slug}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    workload, opts, out = parse_args(argv)
+    env = env_info(opts.torch_device)
+    hw = roofline.measure_hardware(opts.torch_device, opts.torch_dtype)
+    names = list(WORKLOADS) if workload == "all" else [workload]
+    records, failed = [], False
+    for name in names:
+        try:
+            record = run_workload(name, opts, hw, env)
+        except Exception:
+            if workload != "all":
+                raise
+            failed = True
+            record = {"workload": name, "error": traceback.format_exc()}
+            print(f"\n== {name} FAILED ==\n{record['error']}", file=sys.stderr)
+        else:
+            print_table(record)
+        records.append(record)
+    out = out or default_out(workload, opts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = records[0] if workload != "all" else {"workload": "all", "env": env, "hardware": hw.to_json(), "results": records}
+    out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    print(f"\nsaved {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""What every workload shares: options, building a random-weight engine, timing, the
+environment a result was measured in."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.metadata
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rollout
+from benchmarks.configs import write_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Options:
+    model: str | None = None  # None: the workload's default model(s)
+    scale: float = 1.0  # shrinks counts and lengths of a workload (quick runs, CI)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "bfloat16"
+    seed: int = 0
+    kv_cache_bytes: int | None = None  # None: the platform sizes the KV cache
+    enforce_eager: bool = False
+    peer_workload: str = "nano-bench"  # what `peer` runs through both engines
+    batches: tuple[int, ...] = (1, 64, 256)  # decode-step batch sizes (before scaling)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale <= 1:
+            raise ValueError(f"scale must be in (0, 1], got {self.scale}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scaled(n: int, scale: float, minimum: int = 1) -> int:
+    return max(minimum, round(n * scale))
+
+
+def build_llm(opts: Options, model: str, **kwargs: Any):
+    """An engine of ``model`` with random weights, from a config.json-only directory."""
+    from rollout import LLM
+
+    kwargs.setdefault("kv_cache_memory_bytes", opts.kv_cache_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_model_dir(model, Path(tmp))
+        return LLM(path, dtype=opts.dtype, device=opts.device, seed=opts.seed, load_format="dummy",
+                   enforce_eager=opts.enforce_eager, **kwargs)
+
+
+def dispose(llm: Any) -> None:
+    """Give an engine's device memory back before the next one is built in this process
+    (its arenas are released by sleep; dropping the object alone may not unmap them)."""
+    llm.sleep(level=2)
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    """Host clock after every queued device op has finished."""
+    sync(device)
+    return time.perf_counter()
+
+
+class ForwardTimer:
+    """Device time of each model forward (decoder stack through the LM head), from hooks on
+    the model (start) and its ``lm_head`` (end): CUDA events on GPU, the host clock on CPU.
+
+    A span is max(GPU time, host launch time) of the forward. Forwards replayed from a CUDA
+    graph call no module, so they are not seen: ``spans_ms()`` is then shorter than the
+    number of steps and callers report the split as unavailable.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[list[Any]] = []
+        end_module = getattr(model, "lm_head", model)
+        self._handles = [
+            model.register_forward_pre_hook(lambda *_: self._start()),
+            end_module.register_forward_hook(lambda *_: self._end()),
+        ]
+
+    def _start(self) -> None:
+        if not (self.cuda and torch.cuda.is_current_stream_capturing()):
+            self._marks.append([self._mark()])
+
+    def _end(self) -> None:
+        if self._marks and not (self.cuda and torch.cuda.is_current_stream_capturing()):
+            self._marks[-1].append(self._mark())
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def reset(self) -> None:
+        self._marks.clear()
+
+    def spans_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in (m for m in self._marks if len(m) == 2)]
+        return [(b - a) * 1e3 for a, b in (m for m in self._marks if len(m) == 2)]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def env_info(device: torch.device) -> dict[str, Any]:
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "device": str(device),
+        "gpu": gpu,
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "rollout": version("rollout") or rollout.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+    }
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, read from .git without running git; None outside a checkout."""
+    git = ROOT / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        for base in (git, git.parent.parent if git.parent.name == "worktrees" else git):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+            packed = base / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,98 @@
+"""decode-step: ms per steady-state decode step of a fixed batch at context 2048.
+
+For each batch size B: B requests with random 2047-token prompts (no prefix shared),
+temperature 1.0, ignore_eos, max_tokens beyond the run, through the request-level API
+(``llm.add_request``, final outputs only, as ``generate``); ``llm.step()`` until every
+prefill is done, a few warm-up steps, then ``steps`` timed ``llm.step()`` calls, each one
+decode step of the whole batch (checked: B tokens per step, no preemption). Reported:
+- ``step_ms``: median wall time of a step (host clock, device synchronized).
+- ``forward_ms``: median device span of the model forward (``ForwardTimer``), and
+  ``host_overhead_ms`` = step_ms - forward_ms: scheduling, input preparation, sampling and
+  output processing, the part of a step outside the model forward. Unavailable (None) when
+  the forward is replayed from a CUDA graph; ``--enforce-eager`` shows the eager split.
+- ``roofline_ms`` and ``roofline_fraction`` = roofline_ms / step_ms (see roofline.py), with
+  the mean context actually attended (prefill steps interleave decodes of early requests).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from benchmarks import roofline
+from benchmarks.common import ForwardTimer, Options, build_llm, dispose, median, now, scaled
+from benchmarks.configs import hf_config
+from rollout import SamplingParams
+
+DEFAULT_MODEL = "qwen2.5-1.5b"
+CONTEXT = 2048
+WARMUP_STEPS = 5
+STEPS = 50
+
+
+def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
+    model = opts.model or DEFAULT_MODEL
+    context = scaled(CONTEXT, opts.scale, minimum=8)
+    batches = sorted({scaled(b, opts.scale) for b in opts.batches})
+    steps = scaled(STEPS, opts.scale, minimum=3)
+    block_size = 16
+    # Room for the decodes interleaved with prefill (at most one per prefill step).
+    max_model_len = context + max(batches) * context // 4096 + WARMUP_STEPS + steps + 16
+    blocks_per_seq = -(-(max_model_len + 1) // block_size)
+    llm = build_llm(opts, model, max_model_len=max_model_len, max_num_seqs=max(batches),
+                    block_size=block_size, num_kv_blocks=max(batches) * blocks_per_seq + 8)
+    stats = roofline.ModelStats.from_model(llm.model, llm.hf_config)
+    vocab = hf_config(model).vocab_size
+    rows = [_one_batch(llm, b, context, steps, vocab, stats, hw, random.Random(opts.seed + b)) for b in batches]
+    dispose(llm)
+    return {
+        "model": model, "context": context, "steps": steps, "rows": rows, "model_stats": stats.to_json(),
+        "roofline_fraction": {f"B={r['batch']}": r["roofline_fraction"] for r in rows},
+    }
+
+
+def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roofline.ModelStats,
+               hw: roofline.Hardware, rng: random.Random) -> dict[str, Any]:
+    device = llm.device
+    # FINAL_ONLY, as generate: a step builds no outputs for requests still running.
+    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=llm.max_model_len - (context - 1),
+                            detokenize=False, output_kind="final_only")
+    req_ids = [f"decode-b{batch}-{i}" for i in range(batch)]
+    for rid in req_ids:
+        llm.add_request([rng.randrange(vocab) for _ in range(context - 1)], params, request_id=rid)
+    reqs = [llm.engine.scheduler.requests[rid] for rid in req_ids]  # engine state, read only
+    while any(r.num_output_tokens == 0 for r in reqs):
+        llm.step()
+    for _ in range(WARMUP_STEPS):
+        llm.step()
+    timer = ForwardTimer(llm.model, device)
+    tokens_before = sum(r.num_output_tokens for r in reqs)
+    total_context = sum(r.num_tokens for r in reqs)  # seq lens of the first timed step
+    walls = []
+    for _ in range(steps):
+        t0 = now(device)
+        llm.step()
+        walls.append((now(device) - t0) * 1e3)
+    spans = timer.spans_ms()
+    timer.close()
+    steady = sum(r.num_output_tokens for r in reqs) - tokens_before == batch * steps and all(
+        r.num_preemptions == 0 for r in reqs
+    )
+    llm.abort(req_ids)
+    step_ms = median(walls)
+    mean_context = total_context + batch * (steps - 1) / 2
+    cost = roofline.decode_step(stats, batch, round(mean_context))
+    forward_ms = median(spans) if len(spans) == steps else None
+    return {
+        "batch": batch,
+        "mean_context": mean_context / batch,
+        "step_ms": step_ms,
+        "tok_s": batch / step_ms * 1e3,
+        "forward_ms": forward_ms,
+        "host_overhead_ms": None if forward_ms is None else step_ms - forward_ms,
+        "roofline_ms": cost.seconds(hw) * 1e3,
+        "bound": cost.bound(hw),
+        "roofline_fraction": cost.seconds(hw) * 1e3 / step_ms,
+        "steady": steady,
+        "step_ms_all": walls,
+    }

@@ -1,0 +1,105 @@
+"""rl-cycle: the colocated RL loop's memory moves, next to their physical floors.
+
+Per model (Qwen2.5-1.5B and Qwen3-8B by default; random weights, KV cache sized by the
+platform), after one warm-up generate, ``CYCLES`` times:
+    sleep(1) -> wake_up() -> sleep(2) -> [build a full bf16 HF-named state dict on the
+    device, untimed] -> wake_up(["weights"]) -> update_weights(state dict) -> [free it]
+    -> wake_up(["kv_cache"]) -> a short generate (checks the engine still works)
+each timed on the host clock with the device synchronized. The first cycle also pays for
+allocating the pinned host copy of the weights; the last one is the steady state.
+Floors, from the bandwidths measured in the same run (roofline.py):
+    sleep(1) >= weight bytes / d2h_bw; wake_up() >= weight bytes / h2d_bw;
+    update_weights >= 2 * state-dict bytes / copy_bw (read it, write the parameters).
+``freed_fraction``: the rise of free device memory (``mem_get_info``) over sleep(1)
+divided by the engine's device footprint (``llm.memory_usage()``, both tags). Off GPU the
+pinned bandwidths are replaced by a host memcpy (copy_bw / 2) and free memory is the host's.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks import roofline
+from benchmarks.common import Options, build_llm, dispose, now, scaled
+from rollout import SamplingParams
+from rollout.models.weights import WeightMap
+
+DEFAULT_MODELS = ("qwen2.5-1.5b", "qwen3-8b")
+CYCLES = 2
+
+
+def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
+    models = [opts.model] if opts.model else list(DEFAULT_MODELS)
+    rows = [row for m in models for row in _one_model(opts, hw, m)]
+    last = {r["model"]: r for r in rows}  # the steady-state cycle of each model
+    fractions = {}
+    for m, r in last.items():
+        fractions[f"{m} sleep1+wake"] = r["sleep1_wake_floor_ms"] / (r["sleep1_ms"] + r["wake_ms"])
+        fractions[f"{m} update"] = r["update_floor_ms"] / r["update_ms"]
+    return {"models": models, "cycles": CYCLES, "rows": rows, "roofline_fraction": fractions}
+
+
+def _one_model(opts: Options, hw: roofline.Hardware, model: str) -> list[dict[str, Any]]:
+    llm = build_llm(opts, model, max_model_len=scaled(1024, opts.scale, minimum=16))
+    dev = llm.device
+    prompt = [[1, 2, 3, 4]]
+    check = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
+    llm.generate(prompt, check)
+    wmap = WeightMap(llm.model)
+    shapes = {name: wmap.resolve(name).expected_shape for name in wmap.required.values()}
+    usage = llm.memory_usage()
+    footprint = sum(v["device"] for v in usage.values())
+    weight_bytes = usage["weights"]["device"]
+    d2h, h2d = hw.d2h_bw or hw.copy_bw / 2, hw.h2d_bw or hw.copy_bw / 2
+    rows = []
+    for cycle in range(CYCLES):
+        row: dict[str, Any] = {"model": model, "cycle": cycle}
+        free_before = llm.platform.mem_get_info(dev)[0]
+        row["sleep1_ms"] = _ms(dev, lambda: llm.sleep(level=1))
+        row["freed_bytes"] = llm.platform.mem_get_info(dev)[0] - free_before
+        row["torch_cached_bytes"] = _torch_cached(dev)
+        row["wake_ms"] = _ms(dev, llm.wake_up)
+        row["sleep2_ms"] = _ms(dev, lambda: llm.sleep(level=2))
+        state = _random_state_dict(shapes, opts.torch_dtype, dev, opts.seed + cycle)
+        update_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        row["wake_weights_ms"] = _ms(dev, lambda: llm.wake_up(["weights"]))
+        row["update_ms"] = _ms(dev, lambda: llm.update_weights(state))
+        del state
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        row["wake_kv_ms"] = _ms(dev, lambda: llm.wake_up(["kv_cache"]))
+        assert len(llm.generate(prompt, check)[0].outputs[0].token_ids) == 4
+        row.update(
+            weight_bytes=weight_bytes, footprint_bytes=footprint, freed_fraction=row["freed_bytes"] / footprint,
+            sleep1_wake_floor_ms=(weight_bytes / d2h + weight_bytes / h2d) * 1e3,
+            update_floor_ms=2 * update_bytes / hw.copy_bw * 1e3, update_tensors=len(shapes),
+        )
+        rows.append(row)
+    dispose(llm)
+    return rows
+
+
+def _ms(device: torch.device, fn: Callable[[], Any]) -> float:
+    t0 = now(device)
+    fn()
+    return (now(device) - t0) * 1e3
+
+
+def _torch_cached(device: torch.device) -> int:
+    """Bytes torch's caching allocator holds but does not use (free for the trainer too)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _random_state_dict(shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device,
+                       seed: int) -> dict[str, torch.Tensor]:
+    """A full HF-named state dict as a trainer would hold it: on the device, in ``dtype``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return {name: torch.randn(shape, generator=gen, dtype=dtype, device=device) * 0.02 for name, shape in shapes.items()}

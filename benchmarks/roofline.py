@@ -1,0 +1,194 @@
+"""The roofline every result is compared with, measured on the same device in the same run.
+
+Hardware (``measure_hardware``):
+- ``copy_bw``: device-to-device copy of a large buffer (1 GiB on GPU), counting the bytes
+  read plus the bytes written, median of several copies. The attainable memory bandwidth.
+- ``matmul_rate``: a bf16 (the run's dtype) 8192^3 matmul of random data, 2*n^3 FLOPs,
+  median of several. The attainable dense FLOP rate.
+- ``h2d_bw`` / ``d2h_bw`` (GPU only): a copy of a large pinned host buffer to / from the
+  device: the floor of sleep(level=1) (device -> host) and its wake (host -> device).
+
+Model (``ModelStats``), from the engine's parameters: W = bytes of every distinct parameter
+that a step reads (an untied input embedding is only gathered, B rows, so it is left out),
+P = the parameters a token is multiplied with (the same set), KV = bytes of K and V per
+token = 2 * layers * kv_heads * head_dim * itemsize.
+
+One decode step of B sequences attending to C context tokens in total (sum of seq lens):
+    bytes = W + KV * C (KV read) + KV * B (KV write) + B * vocab * itemsize (logits write)
+    flops = 2 * P * B + 4 * layers * heads * head_dim * C (QK^T and PV)
+    t     = max(bytes / copy_bw, flops / matmul_rate)
+A prefill of prompts of lengths l_i (T tokens, steps of at most ``max_batched_tokens``):
+    bytes = W * ceil(T / max_batched_tokens) + KV * T
+    flops = 2 * (P - P_lm_head) * T + 2 * P_lm_head * num_prompts + 2 * layers * heads * head_dim * sum(l_i^2)
+A throughput workload (``ideal_generation_time``): one prefill of the distinct prompts, then
+decode steps of an ideal scheduler that knows every output length: sequences start in order
+while fewer than ``max_num_seqs`` run and their full lengths fit the engine's KV capacity;
+each step decodes one token of every running sequence at the t above. The ceiling is
+output tokens / that time; a workload's fraction is ceiling time / measured time.
+Activations and norms are not counted (small next to weights and KV at these sizes).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Hardware:
+    copy_bw: float  # bytes/s, read + write
+    matmul_rate: float  # FLOP/s in the run's dtype
+    h2d_bw: float | None = None  # bytes/s from pinned host memory
+    d2h_bw: float | None = None  # bytes/s into pinned host memory
+    matmul_n: int = 8192
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "copy_GBps": self.copy_bw / 1e9, "matmul_TFLOPs": self.matmul_rate / 1e12}
+
+
+def _median_seconds(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware:
+    """Copy bandwidth and matmul rate (and pinned-copy bandwidths on GPU); ~2 s on an H100.
+    Off GPU the sizes are small: the numbers only exercise the formulas."""
+    gpu = device.type == "cuda"
+    nbytes, n, reps = (1 << 30, 8192, 10) if gpu else (32 << 20, 256, 3)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_bw = 2 * nbytes / _median_seconds(lambda: dst.copy_(src), device, reps)
+    a = torch.randn(n, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    b = torch.randn(n, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    matmul_rate = 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), device, reps)
+    h2d = d2h = None
+    if gpu:
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        h2d = nbytes / _median_seconds(lambda: src.copy_(host, non_blocking=True), device, 5)
+        d2h = nbytes / _median_seconds(lambda: host.copy_(src, non_blocking=True), device, 5)
+        del host
+    del src, dst, a, b
+    if gpu:
+        torch.cuda.empty_cache()  # the engine sizes its KV cache from free memory
+    return Hardware(copy_bw, matmul_rate, h2d, d2h, n)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    weight_bytes: int  # W: read by every step
+    matmul_params: int  # P
+    lm_head_params: int
+    kv_bytes_per_token: int
+    layers: int
+    heads: int
+    head_dim: int
+    vocab: int
+    itemsize: int
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, hf_config: Any) -> ModelStats:
+        params = {id(p): p for p in model.parameters()}.values()
+        numel = sum(p.numel() for p in params)
+        itemsize = next(iter(params)).element_size()
+        vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
+        untied_embedding = 0 if getattr(hf_config, "tie_word_embeddings", False) else vocab * hidden
+        heads = hf_config.num_attention_heads
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+        layers = hf_config.num_hidden_layers
+        return cls(
+            weight_bytes=(numel - untied_embedding) * itemsize, matmul_params=numel - untied_embedding,
+            lm_head_params=vocab * hidden, kv_bytes_per_token=2 * layers * kv_heads * head_dim * itemsize,
+            layers=layers, heads=heads, head_dim=head_dim, vocab=vocab, itemsize=itemsize,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cost:
+    bytes: float
+    flops: float
+
+    def seconds(self, hw: Hardware) -> float:
+        return max(self.bytes / hw.copy_bw, self.flops / hw.matmul_rate)
+
+    def bound(self, hw: Hardware) -> str:
+        return "memory" if self.bytes / hw.copy_bw >= self.flops / hw.matmul_rate else "compute"
+
+
+def decode_step(m: ModelStats, batch: int, total_context: int) -> Cost:
+    attn = 4 * m.layers * m.heads * m.head_dim
+    return Cost(
+        bytes=m.weight_bytes + m.kv_bytes_per_token * (total_context + batch) + batch * m.vocab * m.itemsize,
+        flops=2 * m.matmul_params * batch + attn * total_context,
+    )
+
+
+def prefill(m: ModelStats, prompt_lens: list[int], max_batched_tokens: int) -> Cost:
+    total = sum(prompt_lens)
+    steps = max(1, math.ceil(total / max_batched_tokens))
+    attn = 2 * m.layers * m.heads * m.head_dim * sum(n * n for n in prompt_lens)
+    return Cost(
+        bytes=m.weight_bytes * steps + m.kv_bytes_per_token * total,
+        flops=2 * (m.matmul_params - m.lm_head_params) * total + 2 * m.lm_head_params * len(prompt_lens) + attn,
+    )
+
+
+def ideal_generation_time(
+    m: ModelStats, hw: Hardware, prompt_lens: list[int], output_lens: list[int], *, distinct_prompt_lens: list[int],
+    max_num_seqs: int, kv_capacity_tokens: int, max_batched_tokens: int,
+) -> dict[str, float]:
+    """Seconds an ideal engine needs for these sequences (see the module docstring)."""
+    t_prefill = prefill(m, distinct_prompt_lens, max_batched_tokens).seconds(hw)
+    t_decode, steps = 0.0, 0
+    running: list[tuple[int, int]] = []  # heap of (step after its last decode, index)
+    batch = context = reserved = 0  # running sequences, sum of their seq lens, of their full lengths
+    nxt, n = 0, len(prompt_lens)
+    while nxt < n or running:
+        while running and running[0][0] <= steps:
+            _, i = heapq.heappop(running)
+            batch -= 1
+            context -= prompt_lens[i] + output_lens[i]
+            reserved -= prompt_lens[i] + output_lens[i]
+        while nxt < n and batch < max_num_seqs and (
+            batch == 0 or reserved + prompt_lens[nxt] + output_lens[nxt] <= kv_capacity_tokens
+        ):
+            # The prefill gave the first token; each other token takes one decode step.
+            if output_lens[nxt] > 1:
+                heapq.heappush(running, (steps + output_lens[nxt] - 1, nxt))
+                batch, context = batch + 1, context + prompt_lens[nxt] + 1
+                reserved += prompt_lens[nxt] + output_lens[nxt]
+            nxt += 1
+        if batch == 0:
+            continue
+        t_decode += decode_step(m, batch, context).seconds(hw)
+        context += batch
+        steps += 1
+    total = t_prefill + t_decode
+    return {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": steps, "total_s": total,
+            "ceiling_tok_s": sum(output_lens) / total if total > 0 else float("inf")}

@@ -1,0 +1,91 @@
+"""rollout-bench on CPU: random-weight engines (load_format="dummy"), the roofline
+formulas, and a smoke run of each workload with a tiny model (fields only, no timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import cli, roofline
+from benchmarks.configs import write_model_dir
+from rollout import LLM, SamplingParams
+from rollout.errors import CheckpointError, InvalidRequestError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_model_dir("tiny", tmp_path_factory.mktemp("bench"))
+
+
+def _dummy(path, seed=0):
+    return LLM(path, dtype="float32", device="cpu", seed=seed, load_format="dummy", num_kv_blocks=32, max_model_len=128)
+
+
+def test_dummy_engine_generates_from_a_config_only_directory(tiny_dir):
+    llm = _dummy(tiny_dir)
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 6
+    params = dict(llm.model.named_parameters())
+    assert torch.equal(params["model.norm.weight"], torch.ones_like(params["model.norm.weight"]))
+    std = float(params["model.layers.0.mlp.down_proj.weight"].std())
+    assert 0.015 < std < 0.025
+    # The seed decides the weights.
+    same, other = _dummy(tiny_dir), _dummy(tiny_dir, seed=1)
+    for name, p in params.items():
+        assert torch.equal(p, dict(same.model.named_parameters())[name]), name
+    assert not torch.equal(params["lm_head.weight"], dict(other.model.named_parameters())["lm_head.weight"])
+
+
+def test_load_format_is_validated(tiny_dir):
+    with pytest.raises(InvalidRequestError, match="load_format"):
+        LLM(tiny_dir, device="cpu", load_format="random")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        LLM(tiny_dir, device="cpu")  # "auto" still needs a checkpoint
+
+
+def test_roofline_formulas():
+    m = roofline.ModelStats(weight_bytes=1000, matmul_params=500, lm_head_params=100, kv_bytes_per_token=10,
+                            layers=2, heads=4, head_dim=8, vocab=50, itemsize=2)
+    cost = roofline.decode_step(m, batch=2, total_context=30)
+    assert cost.bytes == 1000 + 10 * 32 + 2 * 50 * 2
+    assert cost.flops == 2 * 500 * 2 + 4 * 2 * 4 * 8 * 30
+    hw = roofline.Hardware(copy_bw=1e3, matmul_rate=1e9)  # memory bound: time = bytes / bw
+    # One sequence, prompt 10, 3 output tokens: a prefill then 2 decode steps at seq len 11 and 12.
+    ideal = roofline.ideal_generation_time(m, hw, [10], [3], distinct_prompt_lens=[10], max_num_seqs=4,
+                                           kv_capacity_tokens=100, max_batched_tokens=64)
+    assert ideal["decode_steps"] == 2
+    expected = roofline.decode_step(m, 1, 11).seconds(hw) + roofline.decode_step(m, 1, 12).seconds(hw)
+    assert ideal["decode_s"] == pytest.approx(expected)
+    # max_num_seqs=1 runs two sequences one after the other.
+    two = roofline.ideal_generation_time(m, hw, [10, 10], [3, 3], distinct_prompt_lens=[10], max_num_seqs=1,
+                                         kv_capacity_tokens=100, max_batched_tokens=64)
+    assert two["decode_steps"] == 4 and two["decode_s"] == pytest.approx(2 * expected)
+
+
+@pytest.mark.parametrize("workload", ["decode-step", "nano-bench", "peer", "rl-cycle"])
+def test_workload_smoke(workload, tmp_path):
+    out = tmp_path / f"{workload}.json"
+    args = [workload, "--model", "tiny", "--device", "cpu", "--scale", "0.01", "--kv-cache-gb", "0.01", "--out", str(out)]
+    assert cli.main(args) == 0
+    rec = json.loads(out.read_text())
+    assert rec["workload"] == workload
+    for key in ("gpu", "torch", "triton", "transformers", "rollout", "date", "git_commit"):
+        assert key in rec["env"], key
+    assert rec["hardware"]["copy_bw"] > 0 and rec["hardware"]["matmul_rate"] > 0
+    assert rec["configs"]["tiny"]["num_hidden_layers"] == 2
+    assert rec["options"]["scale"] == 0.01 and rec["roofline_fraction"] and rec["rows"]
+    expected = {
+        "decode-step": ("batch", "step_ms", "forward_ms", "host_overhead_ms", "roofline_ms", "roofline_fraction"),
+        "nano-bench": ("tok_s", "ceiling_tok_s", "roofline_fraction", "output_tokens"),
+        "peer": ("rollout_tok_s", "hf_tok_s", "ratio"),
+        "rl-cycle": ("sleep1_ms", "wake_ms", "sleep2_ms", "wake_weights_ms", "update_ms", "wake_kv_ms",
+                     "freed_bytes", "footprint_bytes", "sleep1_wake_floor_ms", "update_floor_ms"),
+    }[workload]
+    for key in expected:
+        assert key in rec["rows"][0], key
+    if workload == "decode-step":
+        assert all(r["steady"] for r in rec["rows"])
+    if workload == "nano-bench":
+        assert rec["rows"][0]["output_tokens"] == rec["detail"]["expected_output_tokens"]
