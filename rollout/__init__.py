@@ -2,7 +2,7 @@
 
 from rollout.entrypoints.llm import LLM
 from rollout.outputs import CompletionOutput, Logprob, RequestOutput
-from rollout.sampling_params import SamplingParams
+from rollout.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind"]
 __version__ = "0.1.0"

@@ -53,5 +53,10 @@ class WakeOOMError(RolloutError, MemoryError):
     """``wake_up`` could not get its memory back; nothing was left half-mapped."""
 
 
+class EngineStateError(RolloutError, RuntimeError):
+    """The call does not fit the engine's state: ``resume()`` without ``pause()``, or a
+    blocking call (``generate``, ``score``) that could never finish while paused."""
+
+
 class PlatformError(RolloutError, RuntimeError):
     """No platform matches the requested device, or a platform plugin failed to load."""

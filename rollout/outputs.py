@@ -27,6 +27,15 @@ class CompletionOutput:
     sampled from (after temperature, min-p, top-k, top-p), in fp32: what an RL trainer uses
     as the old policy. It is filled whenever ``SamplingParams.logprobs`` is not None;
     ``logprobs`` then holds vLLM's per-step dicts (the sampled token plus the top k).
+    ``SamplingParams.logprobs_mode`` can report them under the temperature-scaled or the
+    raw model distribution instead.
+
+    ``token_weight_versions[i]`` is the ``LLM.weight_version`` that sampled ``token_ids[i]``:
+    a request that lived through ``pause()``/``update_weights()``/``resume()`` carries
+    tokens of two versions, which off-policy trainers can correct for.
+
+    In a streamed output (``RequestOutputKind.DELTA``) the lists hold only the new tokens,
+    ``text`` only the new text, and ``cumulative_logprob`` still sums all tokens so far.
     """
 
     index: int
@@ -37,6 +46,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     cumulative_logprob: float | None = None
+    token_weight_versions: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -45,7 +55,13 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """All samples of one prompt, in prompt order within ``LLM.generate``'s result."""
+    """All samples of one prompt, in prompt order within ``LLM.generate``'s result.
+
+    From ``LLM.step()`` and ``generate_stream`` a request yields one output per step in
+    which any of its samples advanced (a snapshot or a delta, see ``RequestOutputKind``);
+    the last one has ``finished=True``. ``weight_version`` is the version at submission;
+    per-token versions are in ``CompletionOutput.token_weight_versions``.
+    """
 
     request_id: str
     prompt: str | None
@@ -54,5 +70,5 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first sample)
-    weight_version: int = 0  # LLM.weight_version the outputs were generated with
+    weight_version: int = 0  # LLM.weight_version when the request was submitted
     metrics: dict[str, float] = field(default_factory=dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,21 @@ from rollout.errors import InvalidRequestError
 _GREEDY_EPS = 1e-5
 # Bound on top-logprobs per step: each one costs a dict entry per generated token.
 MAX_LOGPROBS = 20
+# Which distribution ``logprobs`` are reported under (see SamplingParams).
+LOGPROBS_MODES = ("processed", "scaled", "raw")
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What ``LLM.step()`` (and ``generate_stream``) emits for a request, as in vLLM.
+
+    CUMULATIVE: each step a request advanced in, everything generated so far.
+    DELTA: each step a request advanced in, only what is new since its previous output.
+    FINAL_ONLY: one output, when the request has finished (what ``generate`` uses).
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -26,9 +42,18 @@ class SamplingParams:
     order, with banned tokens (stop tokens before ``min_tokens``) removed. Greedy requests
     report the untempered distribution after the same filters.
 
+    ``logprobs_mode`` picks that distribution: "processed" (the default, as above: what was
+    actually sampled from), "scaled" (temperature only: the logits divided by the
+    temperature, no filters or banned tokens; greedy rows untempered) or "raw" (the model's
+    log-softmax). The token itself is always drawn from the processed distribution; the
+    mode changes only the reported logprobs, ranks and top-k.
+
     ``prompt_logprobs=k`` returns, per prompt token after the first, the model's raw
     log-softmax (no temperature or filters) of that token and the ``k`` most likely ones;
     such a prompt is always recomputed rather than read from the prefix cache.
+
+    ``output_kind`` (a ``RequestOutputKind`` or its name) says what the request-level API
+    streams: cumulative snapshots (default), deltas, or the final output only.
     """
 
     n: int = 1
@@ -47,8 +72,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     include_stop_str_in_output: bool = False
+    logprobs_mode: str = "processed"
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_kind, str) and self.output_kind.upper() in RequestOutputKind.__members__:
+            self.output_kind = RequestOutputKind[self.output_kind.upper()]
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:
@@ -101,6 +130,10 @@ class SamplingParams:
                 raise bad(name, "a bool")
         if self.stop and not self.detokenize:
             raise bad("stop", "empty when detokenize=False (stop strings need text)")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise bad("logprobs_mode", f"one of {LOGPROBS_MODES}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", f"a RequestOutputKind or one of {tuple(k.name.lower() for k in RequestOutputKind)}")
 
     @property
     def greedy(self) -> bool:

@@ -1,6 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter. triton.jit reads this when a kernel
+# is decorated, so it must be set before any test module imports a Triton kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers.hf_oracle import HFOracle
 from tests.helpers.models import VARIANTS, build_model_dir

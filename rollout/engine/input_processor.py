@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,11 +74,7 @@ class InputProcessor:
             raise InvalidRequestError(field, prompt, "a non-empty prompt")
         if not _is_token_list(ids):
             raise InvalidRequestError(field, prompt, _PROMPT_FORMS)
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                field, bad[:5], f"token ids in [0, {self.vocab_size})", f"{len(bad)} out-of-range id(s)"
-            )
+        self._check_vocab(field, ids)
         n = len(ids)
         if n >= self.max_model_len:
             raise InvalidRequestError(
@@ -89,6 +86,43 @@ class InputProcessor:
                 field, f"<{n} tokens>", f"at most {self.max_prompt_tokens} tokens, what the KV cache can hold"
             )
         return ProcessedPrompt(text, list(ids))
+
+    def process_score(self, sequences: Any, prompt_lens: Any, temperature: Any) -> list[tuple[list[int], int]]:
+        """Validate ``LLM.score``'s arguments; returns (token ids, first position scored) per
+        sequence. A sequence may fill the whole model length: nothing is generated after it."""
+        forms = "a non-empty list of token-id lists (one sequence is [[...]])"
+        if not isinstance(sequences, (list, tuple)) or not sequences or _is_token_list(sequences):
+            raise InvalidRequestError("sequences", sequences, forms)
+        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                and math.isfinite(temperature) and temperature > 0):
+            raise InvalidRequestError("temperature", temperature, "a finite float > 0 (1: the model's log-softmax)")
+        if prompt_lens is None:
+            prompt_lens = [1] * len(sequences)
+        elif not isinstance(prompt_lens, (list, tuple)) or len(prompt_lens) != len(sequences):
+            raise InvalidRequestError("prompt_lens", prompt_lens, f"None or {len(sequences)} ints (one per sequence)")
+        limit = min(self.max_model_len, self.max_prompt_tokens)
+        out = []
+        for i, (seq, start) in enumerate(zip(sequences, prompt_lens)):
+            field = f"sequences[{i}]"
+            if not _is_token_list(seq):
+                raise InvalidRequestError(field, seq, "a non-empty list of token ids")
+            self._check_vocab(field, seq)
+            if len(seq) > limit:
+                raise InvalidRequestError(
+                    field, f"<{len(seq)} tokens>", f"at most {limit} tokens (max_model_len={self.max_model_len}"
+                    f" and what the KV cache can hold)",
+                )
+            if not (isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= len(seq)):
+                raise InvalidRequestError(f"prompt_lens[{i}]", start, f"an int in [1, {len(seq)}] (the sequence's length)")
+            out.append((list(seq), start))
+        return out
+
+    def _check_vocab(self, field: str, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                field, bad[:5], f"token ids in [0, {self.vocab_size})", f"{len(bad)} out-of-range id(s)"
+            )
 
     def check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: token ids must exist in this model."""

@@ -39,11 +39,11 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of full blocks; at least the last token is always recomputed
-        because its logits are needed."""
+        because its logits are needed (a scoring request recomputes every position scored)."""
         if not (self.enable_caching and req.uses_prefix_cache):
             return [], 0
         self._update_hashes(req)
-        max_blocks = (req.num_tokens - 1) // self.block_size
+        max_blocks = req.max_cache_hit_tokens // self.block_size
         tokens = req.all_token_ids
         hits: list[KVBlock] = []
         for i in range(min(max_blocks, len(req.block_hashes))):

@@ -10,7 +10,7 @@ import torch
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.model_runner import ModelRunner
 from rollout.engine.output_processor import OutputProcessor
-from rollout.engine.request import Request, RequestStatus
+from rollout.engine.request import PromptLogprobsSpec, Request, RequestStatus
 from rollout.engine.scheduler import Scheduler
 from rollout.outputs import RequestOutput
 from rollout.platforms import Platform
@@ -35,38 +35,51 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.weight_version = 0
 
-    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
-        """Queue one prompt (already validated) as ``params.n`` child requests."""
+    @staticmethod
+    def child_ids(request_id: str, n: int) -> list[str]:
+        """The scheduler's ids of a prompt's ``n`` samples."""
+        return [f"{request_id}-{i}" for i in range(n)] if n > 1 else [request_id]
+
+    def add_request(
+        self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+        score: PromptLogprobsSpec | None = None,
+    ) -> list[Request]:
+        """Queue one prompt (already validated, ids unused) as ``params.n`` child requests;
+        ``score`` makes it a teacher-forced scoring request. Returns the children."""
         children = []
-        for i in range(params.n):
+        for i, req_id in enumerate(self.child_ids(request_id, params.n)):
             child = params.for_sample(i) if params.n > 1 else params
             gen = None
             if child.seed is not None:
                 gen = self.platform.manual_seed_generator(child.seed, self.runner.device)
             children.append(
                 Request(
-                    req_id=f"{request_id}-{i}" if params.n > 1 else request_id,
-                    prompt_token_ids=token_ids, sampling_params=child,
+                    req_id=req_id, prompt_token_ids=token_ids, sampling_params=child,
                     max_num_tokens=self.max_num_tokens, eos_token_ids=self.eos_token_ids, generator=gen,
+                    score=score,
                 )
             )
         self.outputs.add(request_id, prompt, children, self.weight_version)
         for c in children:
             self.scheduler.add_request(c)
+        return children
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def abort_request(self, request_id: str) -> list[RequestOutput]:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a prompt's unfinished samples with "abort" (their tokens and logprobs so far
+        are kept, their blocks freed); returns its final output, or None if unknown."""
         state = self.outputs.parents.get(request_id)
         if state is None:
-            return []
-        self.scheduler.finish_requests([c.req_id for c in state.children], RequestStatus.FINISHED_ABORTED)
-        out = self.outputs.pop_finished(request_id)
-        return [out] if out is not None else []
+            return None
+        self.scheduler.finish_requests([c.req.req_id for c in state.children], RequestStatus.FINISHED_ABORTED)
+        return self.outputs.pop_finished(request_id)
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the RequestOutputs of prompts that finished in it."""
+        """Run one engine step. Returns an output for every prompt with a sample that got a
+        token in it (by its ``output_kind``; see OutputProcessor), ``finished`` when all
+        its samples have ended."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.has_unfinished_requests():
@@ -77,15 +90,17 @@ class LLMEngine:
         reqs = {r: self.scheduler.requests[r] for r in run.req_ids}
         for req_id, (start, entries) in run.prompt_logprobs.items():
             req = reqs[req_id]
-            # Chunks arrive in order from position 0, but a prompt preempted mid-prefill is
-            # recomputed with other chunk boundaries: keep only positions not yet covered.
-            num_have = len(req.prompt_logprobs)
+            # Chunks arrive in order from the first position scored, but a prompt preempted
+            # mid-prefill is recomputed with other chunk boundaries: keep only positions not
+            # yet covered.
+            num_have = req.prompt_logprobs_spec.start - 1 + len(req.prompt_logprobs)
             if start <= num_have:
                 req.prompt_logprobs.extend(entries[num_have - start :])
-        advanced, finished = self.scheduler.update(sched, dict(zip(run.req_ids, run.sampled_token_ids)))
+        advanced, _ = self.scheduler.update(sched, dict(zip(run.req_ids, run.sampled_token_ids)))
         lp_of = dict(zip(run.req_ids, run.logprobs))
         stopped = []
         for req in advanced:
+            req.output_weight_versions.append(self.weight_version)
             lp = lp_of[req.req_id]
             if lp is not None:
                 req.output_logprobs.append(lp)
@@ -95,15 +110,9 @@ class LLMEngine:
             if self.outputs.detokenize(req) is not None and not req.is_finished:
                 stopped.append(req.req_id)
         self.num_generated_tokens += len(advanced)
-        finished += self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        results = []
-        for req in finished:
-            state = self.outputs.parent_of(req.req_id)
-            if state is not None:
-                out = self.outputs.pop_finished(state.request_id)
-                if out is not None:
-                    results.append(out)
-        return results
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        # Every finished request got a token this step, so ``advanced`` covers them all.
+        return self.outputs.step_outputs(advanced)
 
     def reset_prefix_cache(self) -> None:
         self.kv.reset_prefix_cache()

@@ -45,6 +45,22 @@ class TokenLogprobs:
     top_logprobs: list[float]
 
 
+@dataclass(frozen=True)
+class PromptLogprobsSpec:
+    """Which prompt tokens get logprobs, and under which distribution.
+
+    Each prompt token from position ``start`` on gets its logprob under
+    ``log_softmax(logits / temperature)`` of the position before it, plus the ``num_top``
+    most likely tokens. ``SamplingParams.prompt_logprobs=k`` is ``start=1, temperature=1,
+    num_top=k``; ``LLM.score`` picks its own ``start``, and the KV of the tokens before
+    ``start - 1`` may then come from the prefix cache.
+    """
+
+    start: int = 1
+    temperature: float = 1.0
+    num_top: int = 0
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence: prompt, generated tokens, and how far its KV cache has been computed.
@@ -71,6 +87,10 @@ class Request:
     stop_reason: int | str | None = None
     # Chained hashes of this request's full blocks, filled as blocks fill up.
     block_hashes: list[int] = field(default_factory=list)
+    # The weight version that sampled each output token.
+    output_weight_versions: list[int] = field(default_factory=list)
+    # Set for a teacher-forced scoring request (LLM.score): its prompt logprobs.
+    score: PromptLogprobsSpec | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -101,6 +121,21 @@ class Request:
     def uses_prefix_cache(self) -> bool:
         # Prompt logprobs need every prompt position's logits, so such prompts are recomputed.
         return self.sampling_params.prompt_logprobs is None
+
+    @property
+    def prompt_logprobs_spec(self) -> PromptLogprobsSpec | None:
+        if self.score is not None:
+            return self.score
+        k = self.sampling_params.prompt_logprobs
+        return None if k is None else PromptLogprobsSpec(num_top=k)
+
+    @property
+    def max_cache_hit_tokens(self) -> int:
+        """Leading tokens whose KV may come from the prefix cache: all but the last (its
+        logits are needed), and for scoring none from the first position scored on."""
+        if self.score is not None:
+            return min(self.num_tokens - 1, self.score.start - 1)
+        return self.num_tokens - 1
 
     def check_stop(self) -> RequestStatus | None:
         """Stop conditions that depend on token ids alone (stop strings are the detokenizer's)."""

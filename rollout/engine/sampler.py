@@ -2,7 +2,9 @@
 
 Processing order (see ``SamplingParams``): banned tokens, temperature, min-p, top-k,
 top-p. Every mask writes ``-inf`` into fp32 logits; the "processed distribution" is the
-softmax of what is left, and all returned logprobs come from its log-softmax.
+softmax of what is left, and returned logprobs come from its log-softmax, unless a row's
+``logprobs_mode`` asks for the temperature-scaled or raw distribution instead (the token is
+still drawn from the processed one).
 
 Random rows sample with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``
 (equivalent to Gumbel-max). A seeded row draws its ``q`` from its own generator only, so
@@ -17,6 +19,8 @@ import torch
 
 # Same threshold as SamplingParams.greedy: rows below it are argmax, untempered.
 _GREEDY_EPS = 1e-5
+# SamplingParams.logprobs_mode -> the id SamplingMetadata.logprobs_mode carries.
+LOGPROBS_MODE_IDS = {"processed": 0, "scaled": 1, "raw": 2}
 
 
 @dataclass
@@ -30,12 +34,14 @@ class SamplingMetadata:
     all_greedy: bool  # every row greedy: no noise drawn
     max_num_logprobs: int | None  # k top logprobs returned for every row (None: none)
     banned_token_ids: dict[int, list[int]]  # req_idx -> token ids forbidden this step
+    # [num_reqs] int64, LOGPROBS_MODE_IDS of each row's logprobs_mode; None: all "processed".
+    logprobs_mode: torch.Tensor | None = None
 
 
 @dataclass
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [num_reqs] int64
-    sampled_logprobs: torch.Tensor  # [num_reqs] fp32, under the processed distribution
+    sampled_logprobs: torch.Tensor  # [num_reqs] fp32, under each row's logprobs_mode
     sampled_ranks: torch.Tensor  # [num_reqs] int64, 1 = most likely
     topk_token_ids: torch.Tensor | None  # [num_reqs, k] int64, most likely first
     topk_logprobs: torch.Tensor | None  # [num_reqs, k] fp32; -inf entries are masked tokens
@@ -107,6 +113,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         # A copy, so the caller's logits (maybe reused for prompt logprobs) stay raw.
+        raw_logits = logits
         logits = logits.to(torch.float32, copy=True)  # [num_reqs, vocab]
         _ban_tokens(logits, md.banned_token_ids)
         greedy = md.temperature < _GREEDY_EPS  # [num_reqs] bool
@@ -124,9 +131,23 @@ class Sampler:
             raced = logits.softmax(-1).div_(q).argmax(-1)  # [num_reqs]
             sampled = torch.where(greedy, sampled, raced)
 
+        if md.logprobs_mode is not None:
+            logprobs = _logprobs_by_mode(logprobs, raw_logits, greedy, md)
         k = md.max_num_logprobs or 0
         token_logprobs, ranks, topk_ids, topk_logprobs = gather_logprobs(logprobs, sampled, k)
         return SamplerOutput(sampled, token_logprobs, ranks, topk_ids, topk_logprobs)
+
+
+def _logprobs_by_mode(
+    processed: torch.Tensor, raw_logits: torch.Tensor, greedy: torch.Tensor, md: SamplingMetadata
+) -> torch.Tensor:
+    """Each row's logprobs under its mode: processed, scaled (temperature only; greedy rows
+    untempered) or raw (the model's log-softmax). [num_reqs, vocab] fp32."""
+    mode = md.logprobs_mode  # [num_reqs]
+    scaled = (mode == LOGPROBS_MODE_IDS["scaled"]) & ~greedy  # [num_reqs] bool
+    temperature = torch.where(scaled, md.temperature, 1.0)  # [num_reqs]
+    other = (raw_logits.float() / temperature[:, None]).log_softmax(-1)  # [num_reqs, vocab]
+    return torch.where((mode == LOGPROBS_MODE_IDS["processed"])[:, None], processed, other)
 
 
 def _ban_tokens(logits: torch.Tensor, banned_token_ids: dict[int, list[int]]) -> None:

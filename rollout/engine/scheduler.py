@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rollout.engine.kv_cache import KVCacheManager
-from rollout.engine.request import Request, RequestStatus
+from rollout.engine.request import PromptLogprobsSpec, Request, RequestStatus
 from rollout.errors import InvalidRequestError
 from rollout.sampling_params import SamplingParams
 
@@ -51,6 +51,8 @@ class NewRequestData:
     generator: torch.Generator | None
     block_ids: list[int]
     num_computed_tokens: int
+    # Which prompt positions need logprobs (prompt_logprobs or LLM.score); None: none.
+    prompt_logprobs: PromptLogprobsSpec | None = None
 
 
 @dataclass
@@ -175,7 +177,7 @@ class Scheduler:
             out.new_reqs.append(
                 NewRequestData(
                     req.req_id, req.all_token_ids, req.num_prompt_tokens, req.sampling_params,
-                    req.stop_token_ids, req.generator, block_ids, num_hit,
+                    req.stop_token_ids, req.generator, block_ids, num_hit, req.prompt_logprobs_spec,
                 )
             )
             self.kv.cache_blocks(req, num_hit + num_new)

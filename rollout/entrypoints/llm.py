@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from rollout.config import CacheConfig, resolve_dtype
-from rollout.engine.input_processor import InputProcessor, expand_params, split_prompts
+from rollout.engine.input_processor import InputProcessor
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.llm_engine import LLMEngine, default_num_blocks
 from rollout.engine.model_runner import ModelRunner
+from rollout.engine.request import Request
 from rollout.engine.scheduler import Scheduler, SchedulerConfig
+from rollout.entrypoints.async_driver import AsyncDriver
+from rollout.entrypoints.frontend import RequestFrontend
 from rollout.entrypoints.model_source import ModelSource
-from rollout.errors import CheckpointError, EngineSleepingError, InvalidRequestError, WeightUpdateError
+from rollout.errors import (
+    CheckpointError, EngineSleepingError, EngineStateError, InvalidRequestError, WeightUpdateError,
+)
 from rollout.memory.manager import MemoryManager, move_params_into_arena
 from rollout.models.loader import build_model, init_dummy_weights, read_checkpoint
 from rollout.models.updater import WeightUpdater
 from rollout.outputs import RequestOutput
 from rollout.platforms import get_platform
-from rollout.sampling_params import SamplingParams
+from rollout.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,12 @@ class LLM:
         llm = LLM("path/to/model", dtype="bfloat16")
         outs = llm.generate(["Hello"], SamplingParams(n=4, temperature=1.0, logprobs=0))
         outs[0].outputs[0].text, outs[0].outputs[0].token_logprobs
+
+    Besides blocking ``generate``/``generate_iter``/``score`` there is a request-level API
+    (``add_request``/``step``/``abort``, ``pause``/``resume``) and asyncio streaming
+    (``generate_stream``/``generate_async``) over one shared engine loop. The engine is
+    single-threaded: call it from one thread (the event loop's, when streaming); a step
+    then always completes before the next call, so every call lands on a step boundary.
     """
 
     def __init__(
@@ -114,7 +125,8 @@ class LLM:
         self.input_processor = InputProcessor(
             self.tokenizer, hf_config.vocab_size, max_model_len, self.engine.max_num_tokens
         )
-        self._request_counter = itertools.count()
+        self._frontend = RequestFrontend(self.engine, self.input_processor, self._require_awake, self._is_awake)
+        self._driver = AsyncDriver(self._frontend)
         logger.info(
             "rollout LLM ready in %.1fs: %s %s on %s, %d KV blocks x %d tokens, max_model_len %d",
             time.perf_counter() - t0, hf_config.architectures, self.dtype, self.device, num_blocks,
@@ -140,35 +152,128 @@ class LLM:
         dicts ``{"prompt_token_ids": [...]}``. ``sampling_params``: one for all prompts or
         one per prompt. Every prompt and parameter is validated before any work starts, so an
         ``InvalidRequestError`` leaves the engine as it was. Returns one RequestOutput per
-        prompt, in prompt order.
+        prompt, in prompt order (final outputs, whatever ``output_kind`` says).
         """
-        self._require_awake("generate")
-        items = split_prompts(prompts)
-        params = expand_params(sampling_params, len(items))
-        for sp in {id(p): p for p in params}.values():
-            self.input_processor.check_params(sp)
-        processed = [self.input_processor.process(p, i) for i, p in enumerate(items)]
-        request_ids = [str(next(self._request_counter)) for _ in processed]
-        for rid, pp, sp in zip(request_ids, processed, params):
-            self.engine.add_request(rid, pp.prompt, pp.token_ids, sp)
-        results: dict[str, RequestOutput] = {}
-        bar = _progress_bar(use_tqdm, len(request_ids))
+        batch = self._frontend.prepare_batch("generate", prompts, sampling_params)
+        results: list[RequestOutput | None] = [None] * len(batch)
+        bar = _progress_bar(use_tqdm, len(batch))
         try:
-            while len(results) < len(request_ids):
-                for out in self.engine.step():
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-        except BaseException:
-            for rid in request_ids:
-                if rid not in results:
-                    self.engine.abort_request(rid)
-            raise
+            for i, out in self._frontend.collect(batch):
+                results[i] = out
+                if bar is not None:
+                    bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
-        return [results[rid] for rid in request_ids]
+        return results
 
+    def generate_iter(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        request_ids: Sequence[str] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """``generate``, but yields each prompt's final RequestOutput (all ``n`` samples) as
+        soon as that prompt has finished, so early groups can be scored while the tail still
+        generates. Validated on the call, queued at the first ``next()``; ``request_ids``
+        (default: fresh ids) name the prompts in the outputs. Closing the iterator early
+        aborts the prompts not yet yielded."""
+        batch = self._frontend.prepare_batch("generate_iter", prompts, sampling_params, request_ids)
+
+        def outputs() -> Iterator[RequestOutput]:
+            with contextlib.closing(self._frontend.collect(batch)) as it:
+                for _, out in it:
+                    yield out
+
+        return outputs()
+
+    # ---- request-level API -------------------------------------------------------------
+    def add_request(self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one prompt (any one-prompt form of ``generate``) and return its request id
+        (``request_id``, or a fresh one); ``step()`` runs it. Validated like ``generate``;
+        an id used by an unfinished request raises ``InvalidRequestError``."""
+        return self._frontend.submit(self._frontend.prepare_one(prompt, sampling_params, request_id))[0]
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step (none while paused) and return the outputs of requests queued
+        by ``add_request``: one per request that got tokens in it, shaped by its
+        ``SamplingParams.output_kind`` (default CUMULATIVE: everything generated so far),
+        the last one with ``finished=True``. Outputs made while another call drove the
+        engine (``generate``, the async loop) come with the next ``step()``."""
+        if not self._frontend.paused and self.engine.has_unfinished_requests():
+            self._require_awake("step")
+            self._frontend.step()
+        return self._frontend.router.take_unclaimed()
+
+    def abort(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """End requests now: their unfinished samples get finish_reason "abort" and keep
+        the tokens and logprobs generated so far; their KV blocks are freed. Returns the
+        final output of each request aborted (its stream or blocking call gets it too). An
+        id that is unknown or already finished is skipped with a logged warning."""
+        return self._frontend.abort(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether a request is unfinished, or an output still waits for ``step()``."""
+        return self.engine.has_unfinished_requests() or bool(self._frontend.router.unclaimed)
+
+    def pause(self) -> None:
+        """Stop scheduling at the step boundary: requests in flight keep their tokens and KV
+        and wait, ``step()`` returns [] and the async loop idles; ``update_weights`` may run
+        meanwhile. Pausing twice is a no-op. ``generate`` and ``score`` refuse while paused."""
+        self._frontend.paused = True
+
+    def resume(self) -> None:
+        """Continue after ``pause()``; raises EngineStateError when not paused."""
+        if not self._frontend.paused:
+            raise EngineStateError("resume() without pause(): the engine is not paused")
+        self._frontend.paused = False
+        self._driver.kick()
+
+    @property
+    def is_paused(self) -> bool:
+        return self._frontend.paused
+
+    # ---- asyncio -----------------------------------------------------------------------
+    def generate_stream(
+        self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """``async for out in llm.generate_stream(prompt, params)``: one prompt's outputs as
+        it advances (shaped by ``output_kind``; default: cumulative snapshots), the last
+        with ``finished=True``. Validated on the call, queued at the first iteration, run by
+        the engine loop shared by every coroutine (continuous batching across them). A
+        stream closed or cancelled before the end aborts its request."""
+        return self._driver.stream(self._frontend.prepare_one(prompt, sampling_params, request_id))
+
+    async def generate_async(
+        self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestOutput:
+        """``await llm.generate_async(prompt, params)``: one prompt's final RequestOutput."""
+        sub = self._frontend.prepare_one(prompt, sampling_params, request_id, output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for final in self._driver.stream(sub):
+            pass
+        return final
+
+    # ---- scoring -----------------------------------------------------------------------
+    def score(self, sequences: Any, prompt_lens: Sequence[int] | None = None, temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced logprobs of given token sequences (old-policy / reference logprobs,
+        rollout-vs-trainer mismatch probes). For each sequence ``s`` with prompt length ``p``
+        (default 1), returns ``[logprob(s[i] | s[:i]) for i in range(p, len(s))]`` in fp32
+        under ``log_softmax(logits / temperature)``: the raw model distribution at
+        temperature 1, which equals ``generate``'s logprobs at temperature 1 without filters
+        (any mode), and "scaled" logprobs at the sampling temperature. The KV of ``s[:p-1]``
+        comes from the prefix cache where cached (a prompt just generated from, an earlier
+        turn); the positions scored are always computed. Blocks until done; refuses while
+        paused. Sequences hold 1 to ``max_model_len`` tokens (``InvalidRequestError``)."""
+        batch = self._frontend.prepare_score(sequences, prompt_lens, temperature)
+        todo = [i for i, sub in enumerate(batch) if sub.score.start < len(sub.prompt.token_ids)]
+        reqs: dict[int, Request] = {}
+        for _ in self._frontend.collect([batch[i] for i in todo], reqs):
+            pass
+        results: list[list[float]] = [[] for _ in batch]
+        for j, i in enumerate(todo):
+            results[i] = [e.logprob for e in reqs[j].prompt_logprobs]
+        return results
 
     # ---- sleep, wake, weight updates --------------------------------------------------
     @property
@@ -185,6 +290,8 @@ class LLM:
         the weights are copied to (pinned) host memory; level 2: both are dropped and the
         weights must come back through ``update_weights`` or ``load_weights``. Requests in
         flight lose their KV and are recomputed after the wake. Sleeping twice is a no-op."""
+        if level not in (1, 2) or not isinstance(level, int) or isinstance(level, bool):
+            raise InvalidRequestError("level", level, "1 (keep weights on the host) or 2 (discard weights)")
         t0 = time.perf_counter()
         before = self.memory.memory_usage()
         if self.memory.arenas["kv_cache"].is_mapped:
@@ -206,6 +313,7 @@ class LLM:
         woken = self.memory.wake_up(tags)
         if woken:
             logger.info("wake_up(%s) in %.3fs", woken, time.perf_counter() - t0)
+            self._driver.kick()  # async requests waited for the memory
 
     def memory_usage(self) -> dict[str, dict[str, int]]:
         """Bytes held per tag: ``{"weights": {"device": n, "host": m}, "kv_cache": {...}}``."""
@@ -217,8 +325,10 @@ class LLM:
         embeddings map as in checkpoint loading). Every name and shape is checked before
         the first copy; on a problem ``WeightUpdateError`` names it and the old weights stay.
         On success the prefix cache is reset and ``weight_version`` is bumped (or set to
-        ``version``). Returns the number of tensors loaded."""
+        ``version``); requests in flight (say, paused) keep their tokens and recompute their
+        KV under the new weights. Returns the number of tensors loaded."""
         self._require_awake("update_weights", tags=("weights",))
+        self._check_version(version)
         items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
         shapes = []
         for i, item in enumerate(items):
@@ -233,16 +343,25 @@ class LLM:
     def load_weights(self, path: str, version: int | None = None) -> int:
         """``update_weights`` from a safetensors checkpoint directory (pickle is refused)."""
         self._require_awake("load_weights", tags=("weights",))
+        self._check_version(version)
         shapes, tensors = read_checkpoint(path)
         n = self._updater.apply(shapes, tensors, require_all=False, error_cls=CheckpointError)
         self._after_update(version)
         return n
 
-    def _after_update(self, version: int | None) -> None:
+    @staticmethod
+    def _check_version(version: int | None) -> None:
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise InvalidRequestError("version", version, "None or an int")
-        self.engine.reset_prefix_cache()
+
+    def _after_update(self, version: int | None) -> None:
+        # KV computed with the old weights is stale, cached prefixes and in-flight requests
+        # alike: the latter keep their tokens and recompute it under the new weights.
+        self.engine.drop_kv_cache()
         self.engine.weight_version = self.engine.weight_version + 1 if version is None else version
+
+    def _is_awake(self) -> bool:
+        return not self.memory.asleep_tags() and not self._updater.missing_names
 
     def _require_awake(self, what: str, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
         asleep = [t for t in tags if t in self.memory.asleep_tags()]

@@ -1,0 +1,119 @@
+"""Rotary position embedding (neox / rotate-half layout), Triton. Reference: ``rotary.rotary_ref``.
+
+Rounding follows the reference step by step: cos/sin are rounded to the activation dtype,
+each product ``x * cos`` and ``x * sin`` is rounded to it, then their sum is (through
+``round_as``, so the compiler cannot fuse a product into an FMA). In bf16 and fp16 that
+gives the reference's bits (fp32 products of two half-precision values are exact); in
+fp32 the compiler may contract into FMAs, a last-bit difference."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rollout.kernels.triton_utils import round_as
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,  # [num_tokens, num_heads, head_dim] (strided)
+    out_ptr,  # [num_tokens, num_heads, head_dim] contiguous
+    token,
+    cos,  # [1, BLOCK_HALF] fp32, already rounded to the activation dtype
+    sin,  # [1, BLOCK_HALF]
+    x_token_stride,
+    x_head_stride,
+    num_heads,
+    half,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]  # [BLOCK_HEADS, 1]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
+    mask = (heads < num_heads) & (dims < half)
+    dtype = out_ptr.dtype.element_ty
+    src = x_ptr + token * x_token_stride + heads * x_head_stride + dims
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    out1 = round_as(x1 * cos, dtype) - round_as(x2 * sin, dtype)
+    out2 = round_as(x2 * cos, dtype) + round_as(x1 * sin, dtype)
+    dst = out_ptr + token * num_heads * 2 * half + heads * 2 * half + dims
+    tl.store(dst, round_as(out1, dtype).to(dtype), mask=mask)
+    tl.store(dst + half, round_as(out2, dtype).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    positions_ptr,  # [num_tokens] int
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_ptr,  # [max_positions, head_dim] fp32: cos | sin halves, contiguous
+    q_out_ptr,  # [num_tokens, num_heads, head_dim] contiguous
+    k_out_ptr,  # [num_tokens, num_kv_heads, head_dim] contiguous
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    num_heads,
+    num_kv_heads,
+    half,  # head_dim // 2
+    BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_K_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
+    dim_mask = dims < half
+    dtype = q_out_ptr.dtype.element_ty
+    # The reference rounds cos/sin to the activation dtype before using them.
+    cos = tl.load(cos_sin_ptr + pos * 2 * half + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * 2 * half + half + dims, mask=dim_mask, other=0.0)
+    cos = round_as(cos, dtype)
+    sin = round_as(sin, dtype)
+    _rotate_heads(q_ptr, q_out_ptr, token, cos, sin, q_token_stride, q_head_stride,
+                  num_heads, half, BLOCK_Q_HEADS, BLOCK_HALF)
+    _rotate_heads(k_ptr, k_out_ptr, token, cos, sin, k_token_stride, k_head_stride,
+                  num_kv_heads, half, BLOCK_K_HEADS, BLOCK_HALF)
+
+
+def rotary(
+    positions: torch.Tensor,  # [num_tokens] int32/int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] fp32: cos | sin halves
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated ``(query, key)`` as new contiguous tensors; the inputs are left untouched.
+
+    ``query``/``key`` may be strided views (e.g. slices of a fused QKV output) as long as
+    their last dim is contiguous. Positions must lie in ``[0, max_positions)``: they are
+    not bounds-checked on the device."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    assert key.shape == (num_tokens, num_kv_heads, head_dim) and key.dtype == query.dtype
+    assert positions.shape == (num_tokens,) and head_dim % 2 == 0
+    assert cos_sin_cache.shape[-1] == head_dim and cos_sin_cache.dtype == torch.float32
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    cos_sin_cache = cos_sin_cache.contiguous()
+    q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    if num_tokens == 0:
+        return q_out, k_out
+    half = head_dim // 2
+    block_q_heads = triton.next_power_of_2(num_heads)
+    block_half = triton.next_power_of_2(half)
+    num_warps = 4 if block_q_heads * block_half <= 2048 else 8
+    _rotary_kernel[(num_tokens,)](
+        positions, query, key, cos_sin_cache, q_out, k_out,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        num_heads, num_kv_heads, half,
+        BLOCK_Q_HEADS=block_q_heads,
+        BLOCK_K_HEADS=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=block_half,
+        num_warps=num_warps,
+    )
+    return q_out, k_out
