@@ -218,3 +218,35 @@ def test_gather_logprobs():
     assert torch.equal(ids[0], torch.tensor([0, 3])) and ids[1, 0] == 1 and ids[1, 1] in (0, 2)
     assert torch.equal(top, torch.tensor([[-0.5, -1.0], [-0.2, -2.0]]))
     assert gather_logprobs(logprobs, token_ids, 0)[2:] == (None, None)
+
+
+def test_fused_path_is_taken_only_without_filters_and_matches_the_torch_path():
+    """A fused one-pass sampler (here a torch stand-in with the kernel's contract) serves
+    temperature-only steps and gives the same tokens and logprobs as the full path."""
+    from rollout.engine.sampler import SamplingMetadata
+
+    calls = []
+
+    def stand_in(logits, temperature, noise):
+        calls.append(1)
+        t = torch.where(temperature < 1e-5, 1.0, temperature)[:, None]
+        lp = (logits.float() / t).log_softmax(-1)
+        tok = torch.where(temperature < 1e-5, lp.argmax(-1), (lp - noise.log()).argmax(-1) if noise is not None else lp.argmax(-1))
+        return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
+
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    def md(**kw):
+        base = dict(temperature=torch.tensor([0.0, 0.7, 1.0, 1.3, 1.0]), top_k=None, top_p=None, min_p=None,
+                    generators={i: torch.Generator().manual_seed(i) for i in range(5)}, default_generator=None,
+                    all_greedy=False, max_num_logprobs=None, banned_token_ids={3: [int(logits[3].argmax())]})
+        base.update(kw)
+        return SamplingMetadata(**base)
+    fused = Sampler(stand_in)(logits, md())
+    ref = Sampler()(logits, md())
+    assert calls and torch.equal(fused.sampled_token_ids, ref.sampled_token_ids)
+    torch.testing.assert_close(fused.sampled_logprobs, ref.sampled_logprobs)
+    assert torch.equal(fused.sampled_ranks, ref.sampled_ranks)
+    calls.clear()
+    Sampler(stand_in)(logits, md(top_k=torch.tensor([0, 3, 0, 0, 0])))
+    Sampler(stand_in)(logits, md(max_num_logprobs=2))
+    assert not calls

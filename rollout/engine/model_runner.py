@@ -45,9 +45,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_req = -(-(max_model_len + 1) // block_size)
         self.batch = InputBatch(max_num_reqs, max_model_len, self.max_blocks_per_req)
-        self.sampler = Sampler()
         self.backend = get_attention_backend(platform.attention_backend())
         self.ops = get_ops(platform.ops_backend())
+        self.sampler = Sampler(self.ops.sample_tokens)
         # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)).
         self.generator = platform.manual_seed_generator(seed, device)
         self.kv_arena: Arena | None = None

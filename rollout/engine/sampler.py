@@ -13,6 +13,7 @@ its samples do not depend on the rest of the batch; the global RNG is never used
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,9 +110,34 @@ def _apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor
 
 
 class Sampler:
-    """Stateless: everything a step needs comes in ``SamplingMetadata``."""
+    """Stateless: everything a step needs comes in ``SamplingMetadata``.
+
+    ``fused_sample`` (a one-pass kernel: temperature, exponential race, logprob) takes the
+    steps where no row filters (top-k, top-p, min-p), reports another logprobs mode or asks
+    for top-k logprobs: the common RL case, with no sort and no full softmax passes.
+    """
+
+    def __init__(self, fused_sample: Callable | None = None) -> None:
+        self.fused_sample = fused_sample
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        if self.fused_sample is not None and _fusable(md):
+            return self._fused(logits, md)
+        return self._torch(logits, md)
+
+    def _fused(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        if md.banned_token_ids:
+            logits = logits.to(torch.float32, copy=True)
+            _ban_tokens(logits, md.banned_token_ids)
+        noise = None if md.all_greedy else _exponential_noise(logits, md)
+        sampled, token_logprobs = self.fused_sample(logits, md.temperature, noise)
+        # Rank under the same (tempered) distribution: one comparison pass over the row.
+        greedy = md.temperature < _GREEDY_EPS
+        scaled = logits.float() / torch.where(greedy, 1.0, md.temperature)[:, None]  # [num_reqs, vocab]
+        ranks = (scaled > scaled.gather(-1, sampled[:, None])).sum(-1) + 1
+        return SamplerOutput(sampled, token_logprobs, ranks, None, None)
+
+    def _torch(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         # A copy, so the caller's logits (maybe reused for prompt logprobs) stay raw.
         raw_logits = logits
         logits = logits.to(torch.float32, copy=True)  # [num_reqs, vocab]
@@ -136,6 +162,13 @@ class Sampler:
         k = md.max_num_logprobs or 0
         token_logprobs, ranks, topk_ids, topk_logprobs = gather_logprobs(logprobs, sampled, k)
         return SamplerOutput(sampled, token_logprobs, ranks, topk_ids, topk_logprobs)
+
+
+def _fusable(md: SamplingMetadata) -> bool:
+    return (
+        md.top_k is None and md.top_p is None and md.min_p is None
+        and md.logprobs_mode is None and not md.max_num_logprobs
+    )
 
 
 def _logprobs_by_mode(
@@ -163,7 +196,7 @@ def _ban_tokens(logits: torch.Tensor, banned_token_ids: dict[int, list[int]]) ->
 
 def _exponential_noise(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """Exp(1) noise [num_reqs, vocab]: seeded rows from their own generator, rest batched."""
-    q = torch.empty_like(logits)
+    q = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     if len(md.generators) < logits.shape[0]:
         if md.default_generator is None:
             raise ValueError("default_generator is required when some row has no generator")
