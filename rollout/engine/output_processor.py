@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.engine.detokenizer import IncrementalDetokenizer, detokenize_one
-from rollout.engine.request import Request, TokenLogprobs
+from rollout.engine.request import Request, RequestStatus, TokenLogprobs
 from rollout.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from rollout.sampling_params import RequestOutputKind, SamplingParams
 
@@ -29,6 +29,9 @@ class ChildState:
 
     req: Request
     detokenizer: IncrementalDetokenizer | None
+    # Final-only outputs without stop strings decode their text once, at the end, instead
+    # of token by token (the blocking generate of an RL trainer: no per-token host work).
+    decode_at_end: bool = False
     stop_string: str | None = None  # the stop string that ended it
     num_sent_tokens: int = 0  # tokens and chars carried by earlier outputs (DELTA)
     num_sent_chars: int = 0
@@ -58,6 +61,8 @@ class OutputProcessor:
 
     def add(self, request_id: str, prompt: str | None, children: list[Request], weight_version: int = 0) -> None:
         params = children[0].sampling_params
+        wants_text = self.tokenizer is not None and params.detokenize
+        at_end = wants_text and not params.stop and params.output_kind == RequestOutputKind.FINAL_ONLY
         states = [
             ChildState(
                 c,
@@ -65,8 +70,9 @@ class OutputProcessor:
                     self.tokenizer, c.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
                 )
-                if self.tokenizer is not None and params.detokenize
+                if wants_text and not at_end
                 else None,
+                decode_at_end=at_end,
             )
             for c in children
         ]
@@ -129,6 +135,8 @@ class OutputProcessor:
             if req.is_finished:
                 reason = "stop" if c.stop_string is not None else req.status.finish_reason
             text = c.detokenizer.output_text if c.detokenizer is not None else ""
+            if c.decode_at_end and finished:
+                text = self._final_text(c, state.params)
             if not req.is_finished and state.hold_back_chars:
                 text = text[: max(len(text) - state.hold_back_chars, c.num_sent_chars)]
             lo, lo_chars = (c.num_sent_tokens, c.num_sent_chars) if delta else (0, 0)
@@ -152,6 +160,13 @@ class OutputProcessor:
             outputs=outputs, finished=finished, prompt_logprobs=self._prompt_logprobs(state, delta, finished),
             num_cached_tokens=state.children[0].req.num_cached_tokens, weight_version=state.weight_version,
         )
+
+    def _final_text(self, c: ChildState, params: SamplingParams) -> str:
+        ids = c.req.output_token_ids
+        # As token by token: the text of a stop token (EOS, stop_token_ids) is left out.
+        if c.req.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
     def _extend_logprob_dicts(self, c: ChildState) -> None:
         req = c.req
