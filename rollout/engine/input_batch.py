@@ -63,8 +63,3 @@ class InputBatch:
         start = int(self.num_blocks_cpu[idx])
         self.block_table_cpu[idx, start : start + len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
         self.num_blocks_cpu[idx] = start + len(block_ids)
-
-    def append_token(self, idx: int, token_id: int) -> None:
-        n = int(self.num_tokens_cpu[idx])
-        self.token_ids_cpu[idx, n] = token_id
-        self.num_tokens_cpu[idx] = n + 1

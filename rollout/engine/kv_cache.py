@@ -34,8 +34,9 @@ class KVCacheManager:
     def capacity_tokens(self) -> int:
         return self.pool.num_blocks * self.block_size
 
-    def block_ids(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self._req_blocks.get(req_id, ())]
+    def block_ids(self, req_id: str, start: int = 0) -> list[int]:
+        """The request's block ids from block index ``start`` on."""
+        return [b.block_id for b in self._req_blocks.get(req_id, ())[start:]]
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of full blocks; at least the last token is always recomputed

@@ -118,9 +118,8 @@ class ModelRunner:
         for new in sched.new_reqs:
             self.batch.add(new)
         for cached in sched.cached_reqs:
-            idx = self.batch.rows[cached.req_id]
-            self.batch.append_blocks(idx, cached.new_block_ids)
-            assert int(self.batch.num_computed_cpu[idx]) == cached.num_computed_tokens, cached.req_id
+            if cached.new_block_ids:
+                self.batch.append_blocks(self.batch.rows[cached.req_id], cached.new_block_ids)
 
     def _prepare_inputs(self, rows: torch.Tensor, num_sched: torch.Tensor) -> dict:
         b = self.batch
@@ -170,9 +169,10 @@ class ModelRunner:
             min_p = torch.tensor([p.min_p for p in params], **f32)
         banned = {}
         for i, (r, s) in enumerate(zip(rows, states)):
-            num_out = int(self.batch.num_tokens_cpu[r]) - s.num_prompt_tokens
-            if num_out < s.params.min_tokens and s.stop_token_ids:
-                banned[i] = list(s.stop_token_ids)
+            if s.params.min_tokens and s.stop_token_ids:  # cheap test first: a tensor read is not
+                num_out = int(self.batch.num_tokens_cpu[r]) - s.num_prompt_tokens
+                if num_out < s.params.min_tokens:
+                    banned[i] = list(s.stop_token_ids)
         k = [p.logprobs for p in params if p.logprobs is not None]
         modes = [LOGPROBS_MODE_IDS[p.logprobs_mode] for p in params]
         return SamplingMetadata(
@@ -247,7 +247,9 @@ class ModelRunner:
     def _advance(self, rows: torch.Tensor, num_sched: torch.Tensor, sampled: list[int]) -> None:
         b = self.batch
         b.num_computed_cpu[rows] += num_sched
-        done = (b.num_computed_cpu[rows] >= b.num_tokens_cpu[rows]).tolist()
-        for r, is_done, tok in zip(rows.tolist(), done, sampled):
-            if is_done:
-                b.append_token(r, tok)
+        # Rows that reached the end of their tokens take the sampled one (vectorised: no
+        # per-request Python in steady decode).
+        done = b.num_computed_cpu[rows] >= b.num_tokens_cpu[rows]  # [num_reqs] bool
+        done_rows = rows[done]
+        b.token_ids_cpu[done_rows, b.num_tokens_cpu[done_rows]] = torch.tensor(sampled, dtype=torch.int64)[done]
+        b.num_tokens_cpu[done_rows] += 1

@@ -203,10 +203,10 @@ class Scheduler:
 
     # ---- internals ----------------------------------------------------------------
     def _emit_cached(self, req: Request, out: SchedulerOutput) -> None:
-        block_ids = self.kv.block_ids(req.req_id)
         sent = self._num_sent_blocks[req.req_id]
-        self._num_sent_blocks[req.req_id] = len(block_ids)
-        out.cached_reqs.append(CachedRequestData(req.req_id, block_ids[sent:], req.num_computed_tokens))
+        block_ids = self.kv.block_ids(req.req_id, start=sent)  # only the new ones: O(1) a step
+        self._num_sent_blocks[req.req_id] = sent + len(block_ids)
+        out.cached_reqs.append(CachedRequestData(req.req_id, block_ids, req.num_computed_tokens))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)
