@@ -137,6 +137,10 @@ def default_num_blocks(runner: ModelRunner, platform: Platform, device: torch.de
     per_block = runner.kv_bytes_per_block()
     budget = kv_cache_memory_bytes
     if budget is None:
+        if platform.profile_before_kv_sizing:
+            # The largest step's activations and sampler buffers stay reserved in the
+            # allocator's cache, so what is left afterwards is what the KV cache may take.
+            runner.profile_run()
         budget = platform.kv_cache_budget(device, gpu_memory_utilization)
     num = budget // per_block
     if num < 1:

@@ -36,8 +36,9 @@ class ModelRunnerOutput:
 class ModelRunner:
     def __init__(
         self, model: nn.Module, platform: Platform, device: torch.device, *, block_size: int,
-        max_num_reqs: int, max_model_len: int, seed: int,
+        max_num_reqs: int, max_model_len: int, seed: int, max_num_batched_tokens: int = 8192,
     ) -> None:
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.model = model
         self.platform = platform
         self.device = device
@@ -71,6 +72,41 @@ class ModelRunner:
         self.kv_arena = self.platform.create_arena((num_blocks + 1) * self.kv_bytes_per_block(), self.device)
         self.kv_caches = list(self.kv_arena.view(0, shape, dtype).unbind(0))
         return self.kv_arena
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """Run the largest step the scheduler can make (``max_num_batched_tokens`` tokens and
+        ``max_num_seqs`` sampled rows through the filtering sampler) on a throw-away KV cache,
+        so the allocator reserves its peak activation memory before the KV cache is sized."""
+        num_tokens = min(self.max_num_batched_tokens, self.max_model_len)
+        num_rows = min(self.batch.max_num_reqs, num_tokens)
+        layers = len(self.model.model.layers)
+        dtype = next(self.model.parameters()).dtype
+        num_blocks = -(-num_tokens // self.block_size)
+        kv = torch.zeros((layers, 2, num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim),
+                         dtype=dtype, device=self.device)
+        dev = self.device
+        positions = torch.arange(num_tokens, device=dev)
+        md = AttentionMetadata(
+            slot_mapping=positions.clone(), block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            query_start_loc_cpu=torch.tensor([0, num_tokens]), seq_lens_cpu=torch.tensor([num_tokens]),
+            max_query_len=num_tokens, max_seq_len=num_tokens,
+        )
+        with set_forward_context(ForwardContext(md, list(kv.unbind(0)), self.backend, self.ops)):
+            hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), positions)
+            logits = self.model.compute_logits(hidden[-num_rows:])
+        f32 = dict(dtype=torch.float32, device=dev)
+        md_s = SamplingMetadata(
+            temperature=torch.ones(num_rows, **f32), top_k=torch.full((num_rows,), 50, dtype=torch.int64, device=dev),
+            top_p=torch.full((num_rows,), 0.9, **f32), min_p=torch.full((num_rows,), 0.05, **f32),
+            generators={}, default_generator=self.generator, all_greedy=False, max_num_logprobs=1,
+            banned_token_ids={},
+        )
+        self.sampler(logits, md_s)
+        self.platform.synchronize(self.device)
+        del kv, hidden, logits
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps for a ladder of batch sizes (CUDA platforms only)."""

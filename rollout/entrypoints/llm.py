@@ -109,7 +109,7 @@ class LLM:
 
         runner = ModelRunner(
             self.model, self.platform, self.device, block_size=block_size, max_num_reqs=max_num_seqs,
-            max_model_len=max_model_len, seed=seed,
+            max_model_len=max_model_len, seed=seed, max_num_batched_tokens=sched_config.max_num_batched_tokens,
         )
         num_blocks = default_num_blocks(
             runner, self.platform, self.device, num_kv_blocks=num_kv_blocks,

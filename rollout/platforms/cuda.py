@@ -24,6 +24,7 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     supports_cuda_graphs = True
     pin_host_memory = True
+    profile_before_kv_sizing = True
 
     @classmethod
     def is_available(cls) -> bool:

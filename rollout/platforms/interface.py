@@ -35,6 +35,9 @@ class Platform(ABC):
     supports_virtual_memory: bool = False
     # Host copies of device memory (weights during sleep(level=1)) use pinned memory.
     pin_host_memory: bool = False
+    # KV sizing by memory utilisation first runs the largest step once, so its activation
+    # memory is counted (devices whose memory the engine shares with nothing else).
+    profile_before_kv_sizing: bool = False
 
     @classmethod
     @abstractmethod

@@ -144,7 +144,46 @@ def case_wake_oom_rollback(work: Path) -> dict:
     return out
 
 
-CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_graph_replay_after_wake, case_wake_oom_rollback)}
+def case_bf16_triton_vs_torch(work: Path) -> dict:
+    """bf16: logprobs of the Triton path (kernels, graphs, fused sampler) against the torch
+    path (SDPA attention, torch ops) on the same sequences, teacher-forced through score()."""
+    from rollout.platforms.cuda import CudaPlatform
+
+    res = {}
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=0)
+    for name, d in _dirs(work).items():
+        triton_llm = LLM(str(d), dtype="bfloat16", device="cuda", num_kv_blocks=256)
+        assert triton_llm.engine.runner.backend.name == "triton"
+        outs = triton_llm.generate(PROMPTS, params)
+        seqs = [p + o.outputs[0].token_ids for p, o in zip(PROMPTS, outs)]
+        got = [lp for o in outs for lp in o.outputs[0].token_logprobs]
+        orig = (CudaPlatform.attention_backend, CudaPlatform.ops_backend)
+        CudaPlatform.attention_backend = lambda self: "torch_sdpa"
+        CudaPlatform.ops_backend = lambda self: "torch"
+        try:
+            torch_llm = LLM(str(d), dtype="bfloat16", device="cuda", num_kv_blocks=256, enforce_eager=True)
+            assert torch_llm.engine.runner.backend.name == "torch_sdpa"
+            ref = [lp for s, p in zip(torch_llm.score(seqs, prompt_lens=[len(p) for p in PROMPTS]), PROMPTS) for lp in s]
+        finally:
+            CudaPlatform.attention_backend, CudaPlatform.ops_backend = orig
+        diffs = [abs(a - b) for a, b in zip(got, ref)]
+        res[name] = {"mean_abs": sum(diffs) / len(diffs), "max_abs": max(diffs), "n": len(diffs), "n_ref": len(ref)}
+        del triton_llm, torch_llm
+        torch.cuda.empty_cache()
+    return res
+
+
+def case_default_kv_sizing(work: Path) -> dict:
+    """KV sized by gpu_memory_utilization after a profile run: the process ends up using
+    about that fraction of the device, and generation works."""
+    d = _dirs(work)["qwen3"]
+    llm = LLM(str(d), dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3, max_num_batched_tokens=4096)
+    ok = len(_tokens(llm)[0]) == GREEDY.max_tokens
+    free, total = torch.cuda.mem_get_info()
+    return {"generated": ok, "used_fraction": (total - free) / total, "num_blocks": llm.engine.kv.num_blocks}
+
+
+CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing)}
 
 if __name__ == "__main__":
     name, work = sys.argv[1], Path(sys.argv[2])

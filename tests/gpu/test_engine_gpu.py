@@ -46,3 +46,14 @@ def test_graph_replay_after_wake_equals_eager(tmp_path_factory):
 def test_wake_oom_rolls_back(tmp_path_factory):
     r = run_case("wake_oom_rollback", tmp_path_factory)
     assert r["raised"] and r["nothing_mapped"] and r["later_wake_ok"], r
+
+
+def test_bf16_triton_logprobs_close_to_torch_path(tmp_path_factory):
+    res = run_case("bf16_triton_vs_torch", tmp_path_factory)
+    for name, r in res.items():
+        assert r["n"] == r["n_ref"] > 0 and r["mean_abs"] < 2e-2, (name, r)
+
+
+def test_kv_sized_by_memory_utilization_after_profile_run(tmp_path_factory):
+    r = run_case("default_kv_sizing", tmp_path_factory)
+    assert r["generated"] and 0.25 < r["used_fraction"] < 0.32, r
