@@ -40,3 +40,43 @@ def llama_dir(model_dirs):
 def hf_oracles(model_dirs):
     """name -> HFOracle (fp32 HF model of that directory, greedy results cached)."""
     return {name: HFOracle(path) for name, path in model_dirs.items()}
+
+
+# Two tiny llama models with different weights (A: seed 0, B: seed 1), their HF state dicts
+# and greedy outputs: the weight-update and sleep/wake tests move engines between them.
+@pytest.fixture(scope="session")
+def a_dir(model_dirs):
+    return model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def b_dir(tmp_path_factory, tokenizer_dir):
+    return build_model_dir("llama", tmp_path_factory.mktemp("llama_b"), tokenizer_dir, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sd_a(a_dir):
+    from safetensors.torch import load_file
+
+    return load_file(a_dir / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def sd_b(b_dir):
+    from safetensors.torch import load_file
+
+    return load_file(b_dir / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def a_out(a_dir):
+    from tests.helpers.engine_state import greedy, make_llm
+
+    return greedy(make_llm(a_dir))
+
+
+@pytest.fixture(scope="session")
+def b_out(b_dir):
+    from tests.helpers.engine_state import greedy, make_llm
+
+    return greedy(make_llm(b_dir))

@@ -3,7 +3,6 @@ sharded and tied checkpoints, and the HF-name -> engine-parameter map."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

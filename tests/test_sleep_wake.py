@@ -11,41 +11,13 @@ from safetensors.torch import load_file
 from rollout import SamplingParams
 from rollout.errors import EngineSleepingError, InvalidRequestError
 from tests.helpers.engine_state import GREEDY, PROMPTS, changed, greedy, make_llm, params_of, rss_bytes, snapshot
-from tests.helpers.models import build_model_dir
 
 MiB = 1 << 20
 NUM_CYCLES = 20
 NUM_WARMUP = 2
 
 
-@pytest.fixture(scope="module")
-def a_dir(model_dirs):
-    return model_dirs["llama"]  # seed 0
-
-
-@pytest.fixture(scope="module")
-def b_dir(tmp_path_factory, tokenizer_dir):
-    return build_model_dir("llama", tmp_path_factory.mktemp("llama_b"), tokenizer_dir, seed=1)
-
-
-@pytest.fixture(scope="module")
-def sd_a(a_dir):
-    return load_file(a_dir / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def sd_b(b_dir):
-    return load_file(b_dir / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def a_out(a_dir):
-    return greedy(make_llm(a_dir))
-
-
-@pytest.fixture(scope="module")
-def b_out(b_dir):
-    return greedy(make_llm(b_dir))
+# a_dir, b_dir, sd_a, sd_b, a_out, b_out: the A/B model fixtures in conftest.py
 
 
 def _device_bytes(llm) -> dict[str, int]:

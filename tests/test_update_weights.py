@@ -19,7 +19,6 @@ from tests.helpers.engine_state import (
     params_of,
     snapshot,
 )
-from tests.helpers.models import build_model_dir
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 K0 = "model.layers.0.self_attn.k_proj.weight"
@@ -30,34 +29,7 @@ NORM = "model.norm.weight"
 EMBED = "model.embed_tokens.weight"
 
 
-@pytest.fixture(scope="module")
-def a_dir(model_dirs):
-    return model_dirs["llama"]  # seed 0
-
-
-@pytest.fixture(scope="module")
-def b_dir(tmp_path_factory, tokenizer_dir):
-    return build_model_dir("llama", tmp_path_factory.mktemp("llama_b"), tokenizer_dir, seed=1)
-
-
-@pytest.fixture(scope="module")
-def sd_a(a_dir):
-    return load_file(a_dir / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def sd_b(b_dir):
-    return load_file(b_dir / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def a_out(a_dir):
-    return greedy(make_llm(a_dir))
-
-
-@pytest.fixture(scope="module")
-def b_out(b_dir):
-    return greedy(make_llm(b_dir))
+# a_dir, b_dir, sd_a, sd_b, a_out, b_out: the A/B model fixtures in conftest.py
 
 
 @pytest.fixture(scope="module")

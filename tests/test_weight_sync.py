@@ -19,7 +19,6 @@ import torch
 from rollout.errors import WeightUpdateError
 from rollout.weight_sync import (
     ALIGN,
-    Bucket,
     TensorMeta,
     metas_from_json,
     metas_to_json,

@@ -76,7 +76,10 @@ class LLM:
         load_format: str = "auto",
     ) -> None:
         t0 = time.perf_counter()
-        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
+        # Validated up front, before any model work.
+        self.cache_config = CacheConfig(
+            block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching
+        )
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise InvalidRequestError("seed", seed, "an int")
         self.platform = get_platform(device)

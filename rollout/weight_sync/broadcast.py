@@ -81,9 +81,7 @@ def recv_weights(
     """
     buffer = torch.empty(0, dtype=torch.uint8, device=device)  # grows to the largest bucket
     while True:
-        header = torch.empty(2, dtype=torch.int64, device=device)
-        dist.broadcast(header, src, group=group)
-        json_nbytes, buffer_nbytes = header.tolist()
+        json_nbytes, buffer_nbytes = _recv_header(src, group, device)
         if json_nbytes == 0:
             return
         meta_bytes = torch.empty(json_nbytes, dtype=torch.uint8, device=device)
@@ -102,12 +100,18 @@ def recv_weights(
             raise
 
 
+def _recv_header(src: int, group, device) -> tuple[int, int]:
+    """(JSON bytes, buffer bytes) of the next bucket; (0, 0) is the end marker."""
+    header = torch.empty(2, dtype=torch.int64, device=device)
+    dist.broadcast(header, src, group=group)
+    json_nbytes, buffer_nbytes = header.tolist()
+    return json_nbytes, buffer_nbytes
+
+
 def _drain(src: int, group, device) -> None:
     """Receive and drop buckets up to the end marker, so the group stays in step."""
     while True:
-        header = torch.empty(2, dtype=torch.int64, device=device)
-        dist.broadcast(header, src, group=group)
-        json_nbytes, buffer_nbytes = header.tolist()
+        json_nbytes, buffer_nbytes = _recv_header(src, group, device)
         if json_nbytes == 0:
             return
         for n in (json_nbytes, buffer_nbytes):
