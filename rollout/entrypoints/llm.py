@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from rollout.config import CacheConfig, resolve_dtype
+from rollout.distributed import init_parallel, min_over_group
 from rollout.engine.input_processor import InputProcessor
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.llm_engine import LLMEngine, default_num_blocks
@@ -43,6 +44,9 @@ class LLM:
     object; by default the model directory's, and without one prompts must be token ids.
     ``num_kv_blocks`` (or ``kv_cache_memory_bytes``) sizes the KV cache; otherwise the
     platform decides (``gpu_memory_utilization`` of the device on GPU).
+    ``tensor_parallel_size=k > 1`` shards the model over consecutive groups of k ranks of
+    the caller's initialised ``torch.distributed`` world (or over ``tp_group``); every rank
+    of a group must construct it and be given the same prompts.
 
     Example::
 
@@ -74,6 +78,8 @@ class LLM:
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
         load_format: str = "auto",
+        tensor_parallel_size: int = 1,
+        tp_group: Any = None,
     ) -> None:
         t0 = time.perf_counter()
         # Validated up front, before any model work.
@@ -100,7 +106,11 @@ class LLM:
             max_model_len=max_model_len,
         )
 
-        self.model = build_model(hf_config, self.dtype, self.device, source.architectures)
+        # k > 1 (or a caller's group): this rank's shard of a model over its TP group.
+        self.parallel = None
+        if tensor_parallel_size != 1 or tp_group is not None:
+            self.parallel = init_parallel(tensor_parallel_size, tp_group)
+        self.model = build_model(hf_config, self.dtype, self.device, source.architectures, self.parallel)
         weights_arena = move_params_into_arena(self.model, lambda n: self.platform.create_arena(n, self.device))
         if load_format == "dummy":  # random weights (benchmarks): no checkpoint is read
             init_dummy_weights(self.model, seed)
@@ -118,6 +128,8 @@ class LLM:
             runner, self.platform, self.device, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
         )
+        if self.parallel is not None:  # the ranks of a TP group must schedule alike
+            num_blocks = min_over_group(num_blocks, self.parallel.tp_group, self.device)
         kv_arena = runner.init_kv_cache(num_blocks)
         if self.platform.supports_cuda_graphs and not enforce_eager:
             runner.capture_cuda_graphs()

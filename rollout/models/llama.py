@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rollout.distributed.parallel_state import ParallelConfig
 from rollout.errors import UnsupportedModelError
 from rollout.forward_context import current_ops
 from rollout.models.layers.attention import Attention
@@ -20,19 +21,36 @@ from rollout.models.layers.norm import RMSNorm
 from rollout.models.layers.rotary import RotaryEmbedding, rope_parameters
 
 
+def _check_divisible(what: str, total: int, tp_size: int) -> None:
+    if total % tp_size:
+        raise UnsupportedModelError(
+            f"{what} ({total}) is not divisible by tensor_parallel_size {tp_size}; "
+            f"use a tensor_parallel_size that divides it"
+        )
+
+
 class DecoderAttention(nn.Module):
+    """Each of ``tp_size`` ranks holds ``1 / tp_size`` of the q heads and of the kv heads
+    (so of the KV cache); ``o_proj`` all-reduces the partial outputs."""
+
     def __init__(
-        self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
+        self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
+        parallel: ParallelConfig,
     ) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        tp = parallel.tensor_parallel_size
+        _check_divisible("num_attention_heads", num_heads, tp)
+        _check_divisible("num_key_value_heads", num_kv_heads, tp)
+        self.num_heads, self.num_kv_heads = num_heads // tp, num_kv_heads // tp  # this rank's
+        self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         # Llama and Qwen3 put ``attention_bias`` on q/k/v/o; Qwen2 biases q/k/v only.
         o_bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVLinear(hidden, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, dtype)
-        self.o_proj = RowLinear(self.num_heads * self.head_dim, hidden, o_bias, dtype)
+        rank, group = parallel.tp_rank, parallel.tp_group
+        self.qkv_proj = QKVLinear(hidden, self.head_dim, num_heads, num_kv_heads, qkv_bias, dtype, rank, tp)
+        self.o_proj = RowLinear(num_heads * self.head_dim, hidden, o_bias, dtype, rank, tp, group)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
         self.rotary_emb = rotary  # one cos/sin cache shared by every layer
@@ -52,15 +70,17 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelConfig) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: silu")
         bias = getattr(config, "mlp_bias", False)
         inter = config.intermediate_size
-        self.gate_up_proj = ColumnLinear(config.hidden_size, (inter, inter), bias, dtype, shard_ids=(0, 1))
-        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype)
+        tp, rank = parallel.tensor_parallel_size, parallel.tp_rank
+        _check_divisible("intermediate_size", inter, tp)
+        self.gate_up_proj = ColumnLinear(config.hidden_size, (inter, inter), bias, dtype, rank, tp, shard_ids=(0, 1))
+        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype, rank, tp, parallel.tp_group)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(current_ops().silu_and_mul(self.gate_up_proj(h)))
@@ -68,12 +88,13 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding
+        self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
+        parallel: ParallelConfig,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = DecoderAttention(config, layer_idx, dtype, qkv_bias, qk_norm, rotary)
-        self.mlp = MLP(config, dtype)
+        self.self_attn = DecoderAttention(config, layer_idx, dtype, qkv_bias, qk_norm, rotary, parallel)
+        self.mlp = MLP(config, dtype, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
 
@@ -90,13 +111,16 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, parallel: ParallelConfig) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabEmbedding(
+            config.vocab_size, config.hidden_size, dtype, parallel.tp_rank, parallel.tensor_parallel_size,
+            parallel.tp_group,
+        )
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary, parallel) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -109,7 +133,8 @@ class DecoderModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """HF ``LlamaForCausalLM``: rope (default/linear/llama3), tied or untied embeddings."""
+    """HF ``LlamaForCausalLM``: rope (default/linear/llama3), tied or untied embeddings.
+    ``parallel`` (default: one rank) shards it for tensor parallelism."""
 
     qkv_bias = False
     qk_norm = False
@@ -119,16 +144,21 @@ class LlamaForCausalLM(nn.Module):
         "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     }
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelConfig | None = None) -> None:
         super().__init__()
         self.config = config
+        parallel = parallel or ParallelConfig()
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = DecoderModel(config, dtype, qkv_bias, self.qk_norm)
+        self.model = DecoderModel(config, dtype, qkv_bias, self.qk_norm, parallel)
         tied = getattr(config, "tie_word_embeddings", False)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, self.model.embed_tokens if tied else None)
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size, dtype, self.model.embed_tokens if tied else None,
+            parallel.tp_rank, parallel.tensor_parallel_size, parallel.tp_group,
+        )
 
     @property
     def num_kv_heads(self) -> int:
+        """KV heads of this rank (the KV cache holds only these)."""
         return self.model.layers[0].self_attn.num_kv_heads
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from rollout.errors import CheckpointError
+from rollout.distributed.parallel_state import ParallelConfig
+from rollout.errors import CheckpointError, UnsupportedModelError
 from rollout.models.registry import resolve_model_class
 from rollout.models.updater import WeightUpdater
 
@@ -26,13 +28,24 @@ _MAX_LISTED = 10
 
 
 def build_model(
-    config: Any, dtype: torch.dtype, device: torch.device, architectures: list[str] | None = None
+    config: Any, dtype: torch.dtype, device: torch.device, architectures: list[str] | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> nn.Module:
     """An uninitialised model for ``config`` on ``device`` (weights come from a loader).
-    ``architectures`` defaults to the config's."""
+    ``architectures`` defaults to the config's. The registry contract is ``cls(config,
+    dtype)``; a model that supports tensor parallelism also takes ``parallel=``, which is
+    passed only when there is more than one rank."""
     cls = resolve_model_class(architectures or getattr(config, "architectures", None))
+    kwargs = {}
+    if parallel is not None and parallel.tensor_parallel_size > 1:
+        if "parallel" not in inspect.signature(cls).parameters:
+            raise UnsupportedModelError(
+                f"{cls.__name__} does not support tensor parallelism (its constructor takes no "
+                f"'parallel' argument); use tensor_parallel_size=1"
+            )
+        kwargs["parallel"] = parallel
     with torch.device(device):
-        model = cls(config, dtype)
+        model = cls(config, dtype, **kwargs)
     return model.eval()
 
 

@@ -10,10 +10,13 @@ A ``shard_id`` names a part of a fused parameter ("q", "k", "v" or 0, 1); None m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rollout.distributed.communication import tensor_model_parallel_all_reduce
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
@@ -85,19 +88,25 @@ class QKVLinear(ColumnLinear):
 
 
 class RowLinear(LinearBase):
-    """Input features split across ranks; the partial sums are all-reduced by the caller's
-    group (tensor parallelism) before the bias is added."""
+    """Input features split across ranks; the partial sums are all-reduced over ``tp_group``
+    before the bias (held whole by every rank) is added once."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-        tp_rank: int = 0, tp_size: int = 1,
+        tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None,
     ) -> None:
         assert in_features % tp_size == 0
         super().__init__(in_features // tp_size, out_features, bias, dtype)
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
         _attach(self.weight, lambda s: torch.Size((out_features, in_features)), self._load_weight)
         if self.bias is not None:
             _attach(self.bias, lambda s: torch.Size((out_features,)), _copy_whole)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = tensor_model_parallel_all_reduce(F.linear(x, self.weight), self.tp_group)
+        return y if self.bias is None else y + self.bias
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:
         local = param.shape[1]
