@@ -154,3 +154,20 @@ def test_register_model_at_run_time():
     registry._reset_for_tests()
     with pytest.raises(UnsupportedModelError):
         registry.resolve_model_class(["RuntimeForCausalLM"])
+
+
+def test_partial_rotary_factor_is_refused(model_dirs, tmp_path):
+    """A rope layout we do not implement is a clear error, not silently wrong outputs."""
+    import json
+    import shutil
+
+    from rollout import LLM
+    from rollout.errors import UnsupportedModelError
+
+    d = tmp_path / "partial"
+    shutil.copytree(model_dirs["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["partial_rotary_factor"] = 0.5
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor"):
+        LLM(str(d), dtype="float32", num_kv_blocks=8)
