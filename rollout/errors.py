@@ -58,5 +58,10 @@ class EngineStateError(RolloutError, RuntimeError):
     blocking call (``generate``, ``score``) that could never finish while paused."""
 
 
+class ParallelMismatchError(RolloutError, RuntimeError):
+    """Debug check (``debug_tp_agreement``): the ranks of a tensor-parallel group were given
+    different prompts, or sampled different tokens at a step. Raised on every rank."""
+
+
 class PlatformError(RolloutError, RuntimeError):
     """No platform matches the requested device, or a platform plugin failed to load."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from rollout.distributed.agreement import NoAgreementCheck
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.model_runner import ModelRunner
 from rollout.engine.output_processor import OutputProcessor
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(
         self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Any | None,
-        eos_token_ids: tuple[int, ...], platform: Platform,
+        eos_token_ids: tuple[int, ...], platform: Platform, agreement: NoAgreementCheck | None = None,
     ) -> None:
         self.runner = runner
         self.scheduler = scheduler
@@ -34,6 +35,9 @@ class LLMEngine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.weight_version = 0
+        self.num_prompts = 0
+        # Debug: ranks of a TP group check they got the same prompts and sample alike.
+        self.agreement = agreement or NoAgreementCheck()
 
     @staticmethod
     def child_ids(request_id: str, n: int) -> list[str]:
@@ -46,6 +50,8 @@ class LLMEngine:
     ) -> list[Request]:
         """Queue one prompt (already validated, ids unused) as ``params.n`` child requests;
         ``score`` makes it a teacher-forced scoring request. Returns the children."""
+        self.agreement.check_prompt(self.num_prompts, token_ids, params.n)
+        self.num_prompts += 1
         children = []
         for i, req_id in enumerate(self.child_ids(request_id, params.n)):
             child = params.for_sample(i) if params.n > 1 else params
@@ -87,6 +93,7 @@ class LLMEngine:
             return []
         run = self.runner.execute(sched)
         self.num_steps += 1
+        self.agreement.check_step(self.num_steps, run.req_ids, run.sampled_token_ids)
         reqs = {r: self.scheduler.requests[r] for r in run.req_ids}
         for req_id, (start, entries) in run.prompt_logprobs.items():
             req = reqs[req_id]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from rollout.config import CacheConfig, resolve_dtype
-from rollout.distributed import init_parallel, min_over_group
+from rollout.distributed import NoAgreementCheck, TPAgreementCheck, init_parallel, min_over_group
 from rollout.engine.input_processor import InputProcessor
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.llm_engine import LLMEngine, default_num_blocks
@@ -46,7 +46,8 @@ class LLM:
     platform decides (``gpu_memory_utilization`` of the device on GPU).
     ``tensor_parallel_size=k > 1`` shards the model over consecutive groups of k ranks of
     the caller's initialised ``torch.distributed`` world (or over ``tp_group``); every rank
-    of a group must construct it and be given the same prompts.
+    of a group must construct it and be given the same prompts. ``debug_tp_agreement``
+    checks that with a collective per prompt and per step (``ParallelMismatchError``).
 
     Example::
 
@@ -80,6 +81,7 @@ class LLM:
         load_format: str = "auto",
         tensor_parallel_size: int = 1,
         tp_group: Any = None,
+        debug_tp_agreement: bool = False,
     ) -> None:
         t0 = time.perf_counter()
         # Validated up front, before any model work.
@@ -136,7 +138,12 @@ class LLM:
         self.memory = MemoryManager(weights_arena, kv_arena, pin_host=self.platform.pin_host_memory)
         self._updater = WeightUpdater(self.model)
         kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.engine = LLMEngine(runner, Scheduler(sched_config, kv), self.tokenizer, eos_ids, self.platform)
+        agreement = NoAgreementCheck()
+        if debug_tp_agreement and self.parallel is not None and self.parallel.tensor_parallel_size > 1:
+            agreement = TPAgreementCheck(self.parallel.tp_group, self.device)
+        self.engine = LLMEngine(
+            runner, Scheduler(sched_config, kv), self.tokenizer, eos_ids, self.platform, agreement
+        )
         self.input_processor = InputProcessor(
             self.tokenizer, hf_config.vocab_size, max_model_len, self.engine.max_num_tokens
         )

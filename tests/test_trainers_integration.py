@@ -1,0 +1,270 @@
+"""trainers_integration/: HF modules, FSDP2 and ZeRO-3 streaming, the colocated cycle (CPU).
+
+Run as a script (``python tests/test_trainers_integration.py RANK PORT JOB_DIR``) it is one
+rank of a two-process gloo job: an FSDP2 (and, where DeepSpeed imports, a ZeRO-3) copy of
+model B streams its full weights into the rank's own engine loaded with model A, and the
+greedy outputs go to ``JOB_DIR/rank{RANK}.json``. The pytest side runs it once and compares
+with an engine loaded with B.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # as a script
+    sys.path.insert(0, str(ROOT))
+
+from rollout.errors import WeightUpdateError
+from tests.helpers.engine_state import greedy, make_llm
+from trainers_integration import (
+    hf_name,
+    iter_full_weights,
+    iter_gathered_weights,
+    iter_hf_weights,
+    rollout_phase,
+    update_weights_in_buckets,
+)
+from trainers_integration.deepspeed_zero3 import layer_key
+from trainers_integration.fsdp2 import iter_full_weight_buckets
+
+TIMEOUT_S = 90  # the whole two-process job; a stuck collective fails instead of hanging
+SMALL_BUCKET = 20_000  # bytes: several buckets for the tiny models (one 384x64 fp32 embedding is 98 KB)
+
+
+def _hf_model(path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+# ---- one rank of the two-process job --------------------------------------------------------
+def _fsdp2_case(job: dict) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = _hf_model(job["b_dir"])
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    sharded = all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters())
+    sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in iter_full_weight_buckets(model, SMALL_BUCKET)]
+    llm = make_llm(job["a_dir"])
+    llm.sleep(1)
+    with rollout_phase(llm, iter_full_weights(model, SMALL_BUCKET), version=3, bucket_bytes=SMALL_BUCKET) as stats:
+        out = greedy(llm)
+    return {"sharded": sharded, "num_buckets": len(sizes), "out": out, "num_tensors": stats["num_tensors"],
+            "version": stats["weight_version"], "asleep_after": llm.is_sleeping}
+
+
+def _zero3_case(job: dict) -> dict:
+    try:
+        import deepspeed
+    except Exception as e:  # noqa: BLE001 - any import failure means "not here"
+        return {"skipped": f"deepspeed does not import: {type(e).__name__}: {e}"}
+    from safetensors.torch import load_file
+
+    deepspeed.init_distributed(dist_backend="gloo")  # reuses the initialised process group
+    config = transformers.AutoConfig.from_pretrained(job["b_dir"])
+    config.pad_token_id = None  # HF's init zeroes the padding row, which a partitioned param lacks
+    with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 2}):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    sd_b = load_file(Path(job["b_dir"]) / "model.safetensors")
+    params = dict(model.named_parameters())
+    partitioned = all(p.numel() == 0 and hasattr(p, "ds_id") for p in params.values())
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        if torch.distributed.get_rank() == 0:
+            for name, p in params.items():
+                p.copy_(sd_b[name])
+    llm = make_llm(job["a_dir"])
+    n, _ = update_weights_in_buckets(llm, iter_gathered_weights(model), SMALL_BUCKET)
+    return {"partitioned": partitioned, "num_tensors": n, "out": greedy(llm),
+            "still_partitioned": all(p.numel() == 0 for p in model.parameters())}
+
+
+def _rank_main(rank: int, port: int, job_dir: str) -> None:
+    import torch.distributed as dist
+
+    job = json.loads((Path(job_dir) / "job.json").read_text())
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    res: dict = {}
+    try:
+        res["fsdp2"] = _fsdp2_case(job)
+        res["zero3"] = _zero3_case(job)
+    finally:
+        (Path(job_dir) / f"rank{rank}.json").write_text(json.dumps(res))
+        dist.destroy_process_group()
+
+
+# ---- the pytest side ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory, a_dir, b_dir):
+    job_dir = tmp_path_factory.mktemp("trainers_job")
+    (job_dir / "job.json").write_text(json.dumps({"a_dir": str(a_dir), "b_dir": str(b_dir)}))
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if sys.platform == "linux":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    procs = [
+        subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(job_dir)], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _as_json(out):
+    return json.loads(json.dumps(out))
+
+
+def test_fsdp2_ranks_stream_full_weights(dist_results, b_out):
+    for res in dist_results:
+        r = res["fsdp2"]
+        assert r["sharded"], "fully_shard did not shard every parameter into a DTensor"
+        assert r["num_buckets"] > 1
+        assert r["out"] == _as_json(b_out)
+        assert r["num_tensors"] == 2 * 9 + 3  # 9 per layer; embed, norm, lm_head
+        assert r["version"] == 3 and r["asleep_after"]
+
+
+def test_zero3_ranks_stream_gathered_weights(dist_results, b_out):
+    for res in dist_results:
+        r = res["zero3"]
+        if "skipped" in r:
+            pytest.skip(r["skipped"])
+        assert r["partitioned"] and r["still_partitioned"]
+        assert r["num_tensors"] == 2 * 9 + 3
+        assert r["out"] == _as_json(b_out)
+
+
+# ---- plain / HF modules ---------------------------------------------------------------------
+class _Wrapper(torch.nn.Module):
+    """Stands in for DDP (``module.``) around torch.compile (``_orig_mod.``)."""
+
+    def __init__(self, inner: torch.nn.Module, attr: str):
+        super().__init__()
+        self.add_module(attr, inner)
+
+
+def test_hf_name_strips_wrappers_and_maps_prefixes():
+    assert hf_name("module._orig_mod.model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert hf_name("model.layers.1._checkpoint_wrapped_module.self_attn.q_proj.weight") == (
+        "model.layers.1.self_attn.q_proj.weight")
+    assert hf_name("model.module.weight") == "model.module.weight"  # only a leading "module."
+    assert hf_name("policy.model.norm.weight", {"policy.": "", "policy.lm": "x"}) == "model.norm.weight"
+
+
+def test_hf_module_streams_into_engine(a_dir, b_dir, sd_b, b_out):
+    model_b = _hf_model(b_dir)
+    wrapped = _Wrapper(_Wrapper(model_b, "_orig_mod"), "module")
+    pairs = list(iter_hf_weights(wrapped))
+    assert sorted(n for n, _ in pairs) == sorted(sd_b)
+    assert all(not t.requires_grad and torch.equal(t, sd_b[n]) for n, t in pairs)
+    llm = make_llm(a_dir)
+    assert llm.update_weights(iter_hf_weights(wrapped), version=5) == len(sd_b)
+    assert greedy(llm) == b_out and llm.weight_version == 5
+    assert all(p.grad is None for p in model_b.parameters())  # the trainer's model is untouched
+
+
+def test_update_in_buckets_versions_and_bounds(a_dir, sd_b, b_out):
+    llm = make_llm(a_dir)
+    calls = []
+    update = llm.update_weights
+    llm.update_weights = lambda chunk, version=None: calls.append(
+        (sum(t.numel() * t.element_size() for _, t in chunk), version)) or update(chunk, version=version)
+    n, nbytes = update_weights_in_buckets(llm, sd_b.items(), SMALL_BUCKET)
+    assert n == len(sd_b) and nbytes == sum(t.numel() * t.element_size() for t in sd_b.values())
+    assert len(calls) > 1 and {v for _, v in calls} == {1}
+    big = max(t.numel() * t.element_size() for t in sd_b.values())
+    assert all(size <= max(SMALL_BUCKET, big) for size, _ in calls)
+    assert greedy(llm) == b_out and llm.weight_version == 1
+    with pytest.raises(ValueError):
+        update_weights_in_buckets(llm, sd_b.items(), 0)
+
+
+# ---- ZeRO-3 without DeepSpeed: grouping and copies ------------------------------------------
+def test_zero3_gathers_per_layer_with_a_stand_in():
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1), dtype=torch.float32)
+    params = list(model.parameters())
+    for p in params:
+        p.ds_id = 0  # looks partitioned: every group must be gathered
+    index = {id(p): i for i, p in enumerate(params)}
+    gathered: list[list[int]] = []
+
+    class Gather:  # records each group gathered
+        def __init__(self, group):
+            gathered.append([index[id(p)] for p in group])
+
+        def __enter__(self):
+            pass
+
+        def __exit__(self, *exc):
+            pass
+
+    out = list(iter_gathered_weights(_Wrapper(model, "module"), gather=Gather))
+    assert [n for n, _ in out] == [n for n, _ in model.named_parameters()]
+    keys = [layer_key(n) for n, _ in model.named_parameters()]
+    assert len(gathered) == len(dict.fromkeys(keys))  # one gather per layer / top-level module
+    assert sorted(i for g in gathered for i in g) == list(range(len(params)))
+    assert "model.layers.0" in keys and "model.embed_tokens" in keys
+    assert all(t.data_ptr() != p.data_ptr() for (_, t), p in zip(out, params))  # copies, made inside
+
+
+# ---- the colocated cycle ---------------------------------------------------------------------
+def test_rollout_phase_round_trip(a_dir, sd_a, sd_b, a_out, b_out, caplog):
+    llm = make_llm(a_dir)
+    llm.sleep(1)
+    with caplog.at_level(logging.INFO, logger="trainers_integration.colocate"), \
+            rollout_phase(llm, sd_b.items(), version=7) as stats:
+        assert not llm.is_sleeping
+        assert greedy(llm) == b_out and llm.weight_version == 7
+    assert llm.is_sleeping
+    assert {"sync_s", "wake_s", "sleep_s", "bytes_freed", "num_tensors", "bytes_synced"} <= stats.keys()
+    assert stats["bytes_freed"] > 0 and stats["num_tensors"] == len(sd_b) and stats["sync_s"] >= 0
+    boundaries = [r.getMessage() for r in caplog.records if r.name == "trainers_integration.colocate"]
+    assert len(boundaries) == 4 and all("MiB" in m for m in boundaries)
+
+    with rollout_phase(llm, None, level=2) as stats:  # level-1 sleep kept B's weights
+        assert greedy(llm) == b_out and llm.weight_version == 7
+    assert stats["num_tensors"] == 0 and llm.is_sleeping
+
+    # A bad update: the engine sleeps again and still works.
+    with pytest.raises(WeightUpdateError), rollout_phase(llm, [("no.such.weight", torch.zeros(2))]):
+        pass
+    assert llm.is_sleeping
+    with rollout_phase(llm, sd_a.items()) as stats:  # level 2 discarded them: reload A
+        assert greedy(llm) == a_out
+    assert llm.is_sleeping and stats["weight_version"] == 8
+
+
+if __name__ == "__main__":
+    _rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
