@@ -8,15 +8,14 @@ of the two-process job: it reads ``JOB_DIR/job.json``, runs every TP=2 case and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.two_ranks import run_two_ranks
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -104,12 +103,6 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
 
 
 # ---- the pytest side ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_new_dir(tmp_path_factory, tokenizer_dir):
     return build_model_dir("llama", tmp_path_factory.mktemp("llama_new"), tokenizer_dir, seed=1)
@@ -126,25 +119,7 @@ def tp_results(tmp_path_factory, model_dirs, llama_new_dir):
     job = {name: str(model_dirs[name]) for name in MODELS}
     job.update(llama_new=str(llama_new_dir), bad_heads=str(bad_heads))
     (job_dir / "job.json").write_text(json.dumps(job))
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(job_dir)], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    run_two_ranks(__file__, str(job_dir), timeout=TIMEOUT_S)
     return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

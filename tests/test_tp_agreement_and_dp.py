@@ -8,13 +8,13 @@ compares with one-process references.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.two_ranks import run_two_ranks
 import torch.distributed as dist
 
 from rollout import LLM
@@ -25,11 +25,9 @@ from tests.test_tensor_parallel import (
     ENGINE_ARGS,
     GREEDY,
     PROMPTS,
-    ROOT,
     SEEDED,
     TIMEOUT_S,
     UNSEEDED,
-    _free_port,
     _tokens,
 )
 
@@ -79,25 +77,7 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
 def results(tmp_path_factory, model_dirs):
     job_dir = tmp_path_factory.mktemp("agree_job")
     (job_dir / "job.json").write_text(json.dumps({"llama": str(model_dirs["llama"])}))
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(job_dir)], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    run_two_ranks(__file__, str(job_dir), timeout=TIMEOUT_S)
     return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.two_ranks import run_two_ranks
 import torch
 import transformers
 
@@ -108,35 +108,11 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
 
 
 # ---- the pytest side ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory, a_dir, b_dir):
     job_dir = tmp_path_factory.mktemp("trainers_job")
     (job_dir / "job.json").write_text(json.dumps({"a_dir": str(a_dir), "b_dir": str(b_dir)}))
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(job_dir)], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    run_two_ranks(__file__, str(job_dir), timeout=TIMEOUT_S)
     return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -7,13 +7,12 @@ two-process broadcast test.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 
 import pytest
+
+from tests.helpers.two_ranks import run_two_ranks
 import torch
 
 from rollout.errors import WeightUpdateError
@@ -162,32 +161,9 @@ def test_share_cpu_bucket_raises_clear_error():
 TIMEOUT_S = 90
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gloo_broadcast_between_two_processes(tmp_path):
-    port, out = _free_port(), tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(out)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    out = tmp_path / "result.json"
+    run_two_ranks(__file__, str(out), timeout=TIMEOUT_S)
     assert json.loads(out.read_text()) == {"streamed": 8, "closed_early": True, "all": 8,
                                            "empty": 0, "sent": [8, 8, 8, 0, 8]}
 
