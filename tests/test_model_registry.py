@@ -7,7 +7,6 @@ import json
 import logging
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import rollout.models.registry as registry
 from rollout.entrypoints.llm import LLM
 from rollout.errors import UnsupportedModelError
 from rollout.sampling_params import SamplingParams
+from tests.helpers.plugins import make_plugin as write_plugin
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 PROMPTS = [[5, 6, 7, 8], [100, 200, 300]]
@@ -31,14 +31,7 @@ not_a_model = 42
 
 
 def make_plugin(root: Path, pkg: str, code: str, entry_points: str) -> Path:
-    """Write an installed-looking distribution (package + dist-info) under ``root``."""
-    (root / pkg).mkdir(parents=True)
-    (root / pkg / "__init__.py").write_text(textwrap.dedent(code))
-    info = root / f"{pkg}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {pkg}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{registry.PLUGIN_GROUP}]\n" + textwrap.dedent(entry_points))
-    return root
+    return write_plugin(root, pkg, code, entry_points, registry.PLUGIN_GROUP)
 
 
 def model_dir_with(src: Path, dst: Path, **config_changes) -> Path:

@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ import torch
 
 import rollout.platforms as platforms
 from rollout.errors import PlatformError
-from rollout.platforms import available_platforms, get_platform, register_platform
+from rollout.platforms import PLUGIN_GROUP, available_platforms, get_platform, register_platform
 from rollout.platforms.cpu import CpuPlatform
+from tests.helpers.plugins import make_plugin as write_plugin
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="expects a machine without CUDA")
 
@@ -34,14 +34,7 @@ class DummyNPUPlatform(CpuPlatform):
 
 
 def make_plugin(root: Path, pkg: str, code: str, entry_points: str) -> Path:
-    """Write an installed-looking distribution (package + dist-info) under ``root``."""
-    (root / pkg).mkdir(parents=True)
-    (root / pkg / "__init__.py").write_text(textwrap.dedent(code))
-    info = root / f"{pkg}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {pkg}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[rollout.platforms]\n" + entry_points)
-    return root
+    return write_plugin(root, pkg, code, entry_points, PLUGIN_GROUP)
 
 
 @pytest.fixture(autouse=True)
