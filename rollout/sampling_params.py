@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from rollout.errors import InvalidRequestError
 
-_GREEDY_EPS = 1e-5
+# Temperatures below this are greedy (argmax, untempered logprobs); the sampler uses it too.
+GREEDY_EPS = 1e-5
 # Bound on top-logprobs per step: each one costs a dict entry per generated token.
 MAX_LOGPROBS = 20
 # Which distribution ``logprobs`` are reported under (see SamplingParams).
@@ -137,7 +138,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPS
+        return self.temperature < GREEDY_EPS
 
     def for_sample(self, index: int) -> SamplingParams:
         """The params of the ``index``-th of ``n`` samples: n=1 and, if seeded, seed + index."""

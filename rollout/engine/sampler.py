@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Same threshold as SamplingParams.greedy: rows below it are argmax, untempered.
-_GREEDY_EPS = 1e-5
+from rollout.sampling_params import GREEDY_EPS as _GREEDY_EPS
 # SamplingParams.logprobs_mode -> the id SamplingMetadata.logprobs_mode carries.
 LOGPROBS_MODE_IDS = {"processed": 0, "scaled": 1, "raw": 2}
 

@@ -312,8 +312,7 @@ class LLM:
         the weights are copied to (pinned) host memory; level 2: both are dropped and the
         weights must come back through ``update_weights`` or ``load_weights``. Requests in
         flight lose their KV and are recomputed after the wake. Sleeping twice is a no-op."""
-        if level not in (1, 2) or not isinstance(level, int) or isinstance(level, bool):
-            raise InvalidRequestError("level", level, "1 (keep weights on the host) or 2 (discard weights)")
+        self.memory.check_level(level)  # before anything is dropped
         t0 = time.perf_counter()
         before = self.memory.memory_usage()
         if self.memory.arenas["kv_cache"].is_mapped:

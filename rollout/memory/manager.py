@@ -53,9 +53,13 @@ class MemoryManager:
     def asleep_tags(self) -> list[str]:
         return [t for t, a in self.arenas.items() if not a.is_mapped]
 
-    def sleep(self, level: int) -> None:
-        if level not in (1, 2) or isinstance(level, bool):
+    @staticmethod
+    def check_level(level: int) -> None:
+        if level not in (1, 2) or not isinstance(level, int) or isinstance(level, bool):
             raise InvalidRequestError("level", level, "1 (keep weights on the host) or 2 (discard weights)")
+
+    def sleep(self, level: int) -> None:
+        self.check_level(level)
         weights = self.arenas["weights"]
         # Copy whatever the arena holds: weights written since a sleep(2) must survive, and
         # the ones not written yet stay undefined (the WeightUpdater tracks which those are).
