@@ -23,13 +23,17 @@ import math
 import os
 import pathlib
 import random
-import re
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root: examples.common
+
+from examples.common.arith_task import chat_prompts, make_problems, reward
+from examples.common.trainer_logprobs import MismatchMeter, padded, sequence_logprobs
 from rollout import LLM, SamplingParams
 from rollout.distributed import dp_rank_and_size, gather_from_dp, split_for_dp
 
@@ -50,52 +54,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", type=str, default=None, help="write step,reward,... here (rank 0)")
     return p.parse_args()
-
-
-# ---- the task ---------------------------------------------------------------------------------
-def make_problems(rng: random.Random, count: int, max_operand: int) -> list[tuple[str, int]]:
-    out = []
-    for _ in range(count):
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        out.append((f"What is {a}+{b}? Answer with the number only.", a + b))
-    return out
-
-
-def reward(text: str, answer: int) -> float:
-    return 1.0 if str(answer) in re.findall(r"-?\d+", text) else 0.0
-
-
-# ---- the trainer side -----------------------------------------------------------------------
-def sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], micro_batch: int, grad: bool):
-    """Per sequence, the trainer's logprobs (temperature 1) of its completion tokens:
-    ``seqs`` holds (prompt_ids, completion_ids). Yields (index range, [B, T] logprobs, mask)
-    per micro-batch, T the longest completion."""
-    device = next(model.parameters()).device
-    for lo in range(0, len(seqs), micro_batch):
-        chunk = seqs[lo : lo + micro_batch]
-        lens = [len(p) + len(c) for p, c in chunk]
-        width = max(lens)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-        attn = torch.zeros_like(ids)
-        for i, (p, c) in enumerate(chunk):
-            ids[i, : lens[i]] = torch.tensor(p + c)
-            attn[i, : lens[i]] = 1
-        with torch.set_grad_enabled(grad):
-            logits = model(input_ids=ids, attention_mask=attn).logits.float()  # [B, L, V]
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        num_c = max(len(c) for _, c in chunk)
-        mask = torch.zeros(len(chunk), num_c, device=device)
-        rows = []
-        for i, (p, c) in enumerate(chunk):
-            # logits at position j predict token j + 1: completion token k sits at len(p) + k.
-            rows.append(torch.nn.functional.pad(logp[i, len(p) - 1 : len(p) - 1 + len(c)], (0, num_c - len(c))))
-            mask[i, : len(c)] = 1
-        out = torch.stack(rows)
-        yield lo, out, mask
-
-
-def padded(rows: list[list[float]], width: int) -> torch.Tensor:
-    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
 
 
 def main() -> None:
@@ -130,8 +88,7 @@ def main() -> None:
         # ---- rollout: this replica's share of the step's prompts ----
         problems = make_problems(random.Random(args.seed * 100003 + step), args.prompts_per_rank * dp_size, args.max_operand)
         mine = split_for_dp(problems, llm.parallel)
-        chats = [[{"role": "user", "content": q}] for q, _ in mine]
-        prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+        prompts = chat_prompts(tok, mine)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         m["timing/rollout_s"] = time.perf_counter() - t0
@@ -161,7 +118,8 @@ def main() -> None:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         adv = torch.tensor(advantages)
-        diff_max = diff_sum = k3_sum = loss_sum = torch.zeros(())
+        meter = MismatchMeter()
+        loss_sum = torch.zeros(())
         ref_lps = {}
         if ref is not None:
             for lo, lp, _ in sequence_logprobs(ref, seqs, args.micro_batch, grad=False):
@@ -170,13 +128,7 @@ def main() -> None:
             rows = slice(lo, lo + lp.shape[0])
             old = padded(old_lp[rows], lp.shape[1])
             a = adv[rows, None]
-            # Rollout vs trainer on the sampled tokens (verl's training/rollout_probs_diff_*).
-            with torch.no_grad():
-                d = (lp.exp() - old.exp()).abs() * mask
-                diff_max = torch.maximum(diff_max, d.max())
-                diff_sum = diff_sum + d.sum()
-                log_r = (old - lp) * mask
-                k3_sum = k3_sum + ((log_r.exp() - log_r - 1) * mask).sum()
+            meter.add(lp, old, mask)  # rollout vs trainer on the sampled tokens
             ratio = torch.exp(lp - old)
             surr = torch.minimum(ratio * a, ratio.clamp(1 - args.clip, 1 + args.clip) * a)
             loss = -(surr * mask)
@@ -193,9 +145,7 @@ def main() -> None:
                     p.grad /= world
         opt.step()
         m["timing/train_s"] = time.perf_counter() - t0
-        m["training/rollout_probs_diff_max"] = float(diff_max)
-        m["training/rollout_probs_diff_mean"] = float(diff_sum) / num_tokens
-        m["training/rollout_k3_kl"] = float(k3_sum) / num_tokens
+        m.update(meter.metrics())
 
         # ---- wake the engine and sync the new weights ----
         t0 = time.perf_counter()

@@ -1,0 +1,77 @@
+"""The trainer's side of the sampled tokens: its logprobs of each completion, and the
+rollout-vs-trainer mismatch under verl's metric names."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], micro_batch: int, grad: bool,
+                      hidden: bool = False):
+    """Per sequence, the trainer's logprobs (temperature 1) of its completion tokens:
+    ``seqs`` holds (prompt_ids, completion_ids). Yields (first index, [B, T] logprobs, [B, T]
+    mask) per micro-batch, T the longest completion of the micro-batch; with ``hidden``
+    also the [B, T, H] last hidden states at the positions that predicted each token (what
+    a value head reads)."""
+    device = next(model.parameters()).device
+    for lo in range(0, len(seqs), micro_batch):
+        chunk = seqs[lo : lo + micro_batch]
+        lens = [len(p) + len(c) for p, c in chunk]
+        width = max(lens)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        attn = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(chunk):
+            ids[i, : lens[i]] = torch.tensor(p + c)
+            attn[i, : lens[i]] = 1
+        with torch.set_grad_enabled(grad):
+            out = model(input_ids=ids, attention_mask=attn, output_hidden_states=hidden)
+            logits = out.logits.float()  # [B, L, V]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        num_c = max(len(c) for _, c in chunk)
+        mask = torch.zeros(len(chunk), num_c, device=device)
+        rows, states = [], []
+        for i, (p, c) in enumerate(chunk):
+            # logits at position j predict token j + 1: completion token k sits at len(p) + k.
+            sl = slice(len(p) - 1, len(p) - 1 + len(c))
+            rows.append(torch.nn.functional.pad(logp[i, sl], (0, num_c - len(c))))
+            if hidden:
+                h = out.hidden_states[-1][i, sl]
+                states.append(torch.nn.functional.pad(h, (0, 0, 0, num_c - len(c))))
+            mask[i, : len(c)] = 1
+        if hidden:
+            yield lo, torch.stack(rows), mask, torch.stack(states)
+        else:
+            yield lo, torch.stack(rows), mask
+
+
+def padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
+
+
+class MismatchMeter:
+    """Rollout vs trainer on the sampled tokens, accumulated over micro-batches: verl's
+    ``training/rollout_probs_diff_max`` / ``_mean`` and the k3 KL of the rollout policy
+    from the trainer's."""
+
+    def __init__(self) -> None:
+        self.diff_max = 0.0
+        self.diff_sum = 0.0
+        self.k3_sum = 0.0
+        self.tokens = 0.0
+
+    @torch.no_grad()
+    def add(self, trainer_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor) -> None:
+        d = (trainer_lp.exp() - rollout_lp.exp()).abs() * mask
+        self.diff_max = max(self.diff_max, float(d.max()))
+        self.diff_sum += float(d.sum())
+        log_r = (rollout_lp - trainer_lp) * mask
+        self.k3_sum += float(((log_r.exp() - log_r - 1) * mask).sum())
+        self.tokens += float(mask.sum())
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.tokens, 1.0)
+        return {
+            "training/rollout_probs_diff_max": self.diff_max,
+            "training/rollout_probs_diff_mean": self.diff_sum / n,
+            "training/rollout_k3_kl": self.k3_sum / n,
+        }
