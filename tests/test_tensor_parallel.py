@@ -14,8 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
-from tests.helpers.two_ranks import run_two_ranks
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -23,6 +21,7 @@ from safetensors.torch import load_file
 from rollout import LLM, SamplingParams
 from rollout.errors import InvalidRequestError, UnsupportedModelError
 from tests.helpers.models import build_model_dir
+from tests.helpers.two_ranks import run_two_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120  # the whole job; a stuck collective fails the test instead of hanging it
@@ -112,10 +111,11 @@ def llama_new_dir(tmp_path_factory, tokenizer_dir):
 def tp_results(tmp_path_factory, model_dirs, llama_new_dir):
     """rank -> results of the two-process TP=2 job (run once for the module)."""
     job_dir = tmp_path_factory.mktemp("tp_job")
-    bad_heads = job_dir / "bad_heads"  # 1 kv head cannot be split over 2 ranks
+    bad_heads = job_dir / "bad_heads"  # 3 kv heads can be neither split over 2 ranks nor replicated
     shutil.copytree(model_dirs["llama"], bad_heads)
     config = json.loads((bad_heads / "config.json").read_text())
-    (bad_heads / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 1}))
+    bad = {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3}
+    (bad_heads / "config.json").write_text(json.dumps({**config, **bad}))
     job = {name: str(model_dirs[name]) for name in MODELS}
     job.update(llama_new=str(llama_new_dir), bad_heads=str(bad_heads))
     (job_dir / "job.json").write_text(json.dumps(job))

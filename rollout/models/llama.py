@@ -6,7 +6,7 @@ Module names mirror HF's so that HF parameter names map 1:1, except the fused
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,9 +29,31 @@ def _check_divisible(what: str, total: int, tp_size: int) -> None:
         )
 
 
+def split_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> tuple[int, int]:
+    """(q heads, kv heads) of each of ``tp_size`` ranks. The q heads always split evenly. So
+    do the kv heads when ``tp_size`` divides them; when ``tp_size`` is a multiple of them
+    instead, each rank holds one kv head, replicated on ``tp_size // num_kv_heads`` ranks
+    (rank r: kv head ``r // replicas``, see ``QKVLinear``)."""
+    _check_divisible("num_attention_heads", num_heads, tp_size)
+    if num_kv_heads >= tp_size and num_kv_heads % tp_size == 0:
+        return num_heads // tp_size, num_kv_heads // tp_size
+    if num_kv_heads >= tp_size or tp_size % num_kv_heads:
+        raise UnsupportedModelError(
+            f"num_key_value_heads ({num_kv_heads}) is neither divisible by tensor_parallel_size {tp_size} "
+            f"nor a divisor of it; use a tensor_parallel_size that divides num_key_value_heads, or a "
+            f"multiple of it that divides num_attention_heads ({num_heads}): each rank then holds one "
+            f"kv head, replicated"
+        )
+    # Rank r holds q heads [r * q, (r + 1) * q), q = num_heads / tp_size. HF's q head i
+    # attends to kv head i // g, g = num_heads / num_kv_heads = replicas * q, so every q head
+    # of rank r attends to kv head r // replicas: the one rank r holds.
+    return num_heads // tp_size, 1
+
+
 class DecoderAttention(nn.Module):
     """Each of ``tp_size`` ranks holds ``1 / tp_size`` of the q heads and of the kv heads
-    (so of the KV cache); ``o_proj`` all-reduces the partial outputs."""
+    (so of the KV cache), or, with fewer kv heads than ranks, the one kv head its q heads
+    attend to (``split_heads``); ``o_proj`` all-reduces the partial outputs."""
 
     def __init__(
         self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
@@ -42,9 +64,7 @@ class DecoderAttention(nn.Module):
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         tp = parallel.tensor_parallel_size
-        _check_divisible("num_attention_heads", num_heads, tp)
-        _check_divisible("num_key_value_heads", num_kv_heads, tp)
-        self.num_heads, self.num_kv_heads = num_heads // tp, num_kv_heads // tp  # this rank's
+        self.num_heads, self.num_kv_heads = split_heads(num_heads, num_kv_heads, tp)  # this rank's
         self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         # Llama and Qwen3 put ``attention_bias`` on q/k/v/o; Qwen2 biases q/k/v only.
         o_bias = getattr(config, "attention_bias", False)
@@ -139,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
     # Engine parameter -> the HF sub-modules fused into it, in shard order.
-    packed_modules_mapping = {
+    packed_modules_mapping: ClassVar[dict[str, list[tuple[str, str | int]]]] = {
         "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
         "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     }

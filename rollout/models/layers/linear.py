@@ -42,18 +42,24 @@ class LinearBase(nn.Module):
 
 
 class ColumnLinear(LinearBase):
-    """Output features split across ``tp_size`` ranks (a fused layer stacks several outputs)."""
+    """Output features split across ``tp_size`` ranks (a fused layer stacks several outputs).
+    ``slices``: per output, the rows ``(start, size)`` of the full HF tensor this rank holds
+    (default: the ``tp_rank``-th of ``tp_size`` equal parts)."""
 
     def __init__(
         self, in_features: int, out_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
         tp_rank: int = 0, tp_size: int = 1, shard_ids: Sequence[str | int] | None = None,
+        slices: Sequence[tuple[int, int]] | None = None,
     ) -> None:
-        for size in out_sizes:
-            assert size % tp_size == 0, f"output size {size} not divisible by tp_size {tp_size}"
+        if slices is None:
+            for size in out_sizes:
+                assert size % tp_size == 0, f"output size {size} not divisible by tp_size {tp_size}"
+            slices = [(tp_rank * (size // tp_size), size // tp_size) for size in out_sizes]
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.out_sizes = list(out_sizes)
+        self.slices = list(slices)
         self.shard_ids = list(shard_ids) if shard_ids is not None else None
-        super().__init__(in_features, sum(out_sizes) // tp_size, bias, dtype)
+        super().__init__(in_features, sum(size for _, size in self.slices), bias, dtype)
         self.in_features = in_features
         _attach(self.weight, lambda s: torch.Size((self._full(s), in_features)), self._load)
         if self.bias is not None:
@@ -71,20 +77,37 @@ class ColumnLinear(LinearBase):
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         idx = self._index(shard_id)
-        local = self.out_sizes[idx] // self.tp_size
-        offset = sum(self.out_sizes[:idx]) // self.tp_size
-        src = loaded.narrow(0, self.tp_rank * local, local)
-        param.data.narrow(0, offset, local).copy_(src)
+        start, size = self.slices[idx]
+        offset = sum(n for _, n in self.slices[:idx])  # where this output sits in the fused rows
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 
 
 class QKVLinear(ColumnLinear):
+    """q, k and v fused. The q heads split evenly over the ranks; so do the kv heads when
+    ``tp_size`` divides them. With fewer kv heads than ranks (``tp_size`` a multiple of
+    ``num_kv_heads``) each rank holds one kv head, replicated on ``replicas = tp_size //
+    num_kv_heads`` consecutive ranks: rank r holds kv head ``r // replicas``, the one its q
+    heads attend to."""
+
     def __init__(
         self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
         dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
     ) -> None:
+        assert num_heads % tp_size == 0, f"num_heads {num_heads} not divisible by tp_size {tp_size}"
+        if num_kv_heads >= tp_size:
+            assert num_kv_heads % tp_size == 0, f"num_kv_heads {num_kv_heads} not divisible by tp_size {tp_size}"
+            kv_local = num_kv_heads // tp_size
+            kv_first = tp_rank * kv_local
+        else:
+            assert tp_size % num_kv_heads == 0, f"tp_size {tp_size} not a multiple of num_kv_heads {num_kv_heads}"
+            kv_local = 1
+            kv_first = tp_rank // (tp_size // num_kv_heads)
+        q_local = num_heads // tp_size
         sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
-        super().__init__(hidden, sizes, bias, dtype, tp_rank, tp_size, shard_ids=("q", "k", "v"))
-        self.q_size, self.kv_size = sizes[0] // tp_size, sizes[1] // tp_size
+        kv_slice = (kv_first * head_dim, kv_local * head_dim)
+        slices = ((tp_rank * q_local * head_dim, q_local * head_dim), kv_slice, kv_slice)
+        super().__init__(hidden, sizes, bias, dtype, tp_rank, tp_size, shard_ids=("q", "k", "v"), slices=slices)
+        self.q_size, self.kv_size = q_local * head_dim, kv_local * head_dim
 
 
 class RowLinear(LinearBase):
