@@ -183,15 +183,15 @@ def test_pause_idles_the_loop_update_then_resume(llama_dir, b_dir):
 
 def test_a_failed_step_reaches_every_waiting_coroutine(llama_dir, monkeypatch):
     llm = _llm(llama_dir)
-    execute, calls = llm.engine.runner.execute, []
+    launch, calls = llm.engine.runner.launch, []
 
     def flaky(sched):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("device lost")
-        return execute(sched)
+        return launch(sched)
 
-    monkeypatch.setattr(llm.engine.runner, "execute", flaky)
+    monkeypatch.setattr(llm.engine.runner, "launch", flaky)
     prompts = [random_prompt(10, seed=i) for i in range(3)]
 
     async def main():

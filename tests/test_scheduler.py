@@ -326,9 +326,12 @@ def test_abort_of_a_preempted_request():
 
 
 # ---- determinism and random workloads -------------------------------------------------
-def _random_workload(seed: int, enable_caching: bool = True, num_requests: int = 40, check: bool = True):
+def _random_workload(seed: int, enable_caching: bool = True, num_requests: int = 40, check: bool = True,
+                     pipelined: bool = False):
     """Random prompts (with shared prefixes), lengths, arrivals, aborts and prefix-cache
-    resets on a pool small enough to preempt. Returns (trace, stats)."""
+    resets on a pool small enough to preempt. Returns (trace, stats). ``pipelined`` drives
+    the scheduler as LLMEngine does: step N+1 is scheduled (and run by the fake runner,
+    which samples at once, as the device does) before step N's tokens reach ``update``."""
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 8])
     max_model_len = 48
@@ -344,6 +347,7 @@ def _random_workload(seed: int, enable_caching: bool = True, num_requests: int =
     max_num_tokens = engine_max_num_tokens(sched)
     prefixes = [[rng.randrange(10, 14) for _ in range(rng.randint(0, 24))] for _ in range(3)]
     submitted, aborted, trace = [], set(), []
+    in_flight = None  # pipelined: (SchedulerOutput, sampled) of the step not read back yet
     stats = dict(steps=0, preemptions=0, hit_tokens=0)
     sample = lambda req: rng.choice([EOS, 9] + [rng.randrange(10, 14)] * 20)  # noqa: E731
     for _ in range(2000):
@@ -364,19 +368,28 @@ def _random_workload(seed: int, enable_caching: bool = True, num_requests: int =
             aborted.add(req_id)
             assert sched.finish_requests([req_id], RequestStatus.FINISHED_ABORTED)
         if rng.random() < 0.02:
+            if in_flight is not None:  # LLMEngine reads the step in flight back first
+                sched.update(*in_flight)
+                in_flight = None
             runner.reset_prefix_cache()
         if not sched.has_unfinished_requests():
+            in_flight = None  # only tokens of finished requests, thrown away
             if len(submitted) == num_requests:
                 break
             continue
         out = sched.schedule()
-        assert not out.is_empty, "no progress with requests pending"
+        assert not out.is_empty or in_flight is not None, "no progress with requests pending"
         assert out.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
         assert len(sched.running) <= sched.config.max_num_seqs
         assert list(out.num_scheduled_tokens)[: len(out.cached_reqs)] == [c.req_id for c in out.cached_reqs]
         sampled = {req_id: sample(sched.requests[req_id]) for req_id in out.num_scheduled_tokens}
         runner.execute(out, sampled)
-        sched.update(out, sampled)
+        if not pipelined:
+            sched.update(out, sampled)
+        else:
+            if in_flight is not None:
+                sched.update(*in_flight)
+            in_flight = (out, sampled) if not out.is_empty else None
         stats["steps"] += 1
         stats["hit_tokens"] += sum(n.num_computed_tokens for n in out.new_reqs)
         trace.append((
@@ -387,7 +400,9 @@ def _random_workload(seed: int, enable_caching: bool = True, num_requests: int =
         if check:
             check_block_refs(sched)
             for req in sched.running:  # the runner's mirror matches the scheduler's requests
-                assert runner.rows[req.req_id].token_ids == req.all_token_ids
+                row = runner.rows[req.req_id].token_ids
+                assert row[: req.num_tokens] == req.all_token_ids
+                assert len(row) == req.num_scheduled_end  # plus the tokens in flight
     else:
         raise AssertionError("random workload did not finish in 2000 iterations")
     stats["preemptions"] = sched.num_preemptions
@@ -415,8 +430,15 @@ def test_random_workload(seed, enable_caching):
     _random_workload(seed, enable_caching)
 
 
-def test_random_workloads_exercise_preemption_and_prefix_hits():
-    stats = [_random_workload(seed, check=False)[1] for seed in SEEDS]
+@pytest.mark.parametrize("enable_caching", [True, False])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_workload_pipelined(seed, enable_caching):
+    _random_workload(seed, enable_caching, pipelined=True)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_random_workloads_exercise_preemption_and_prefix_hits(pipelined):
+    stats = [_random_workload(seed, check=False, pipelined=pipelined)[1] for seed in SEEDS]
     assert sum(s["preemptions"] > 0 for s in stats) >= len(stats) // 2, stats
     assert sum(s["hit_tokens"] > 0 for s in stats) >= len(stats) // 2, stats
     assert all(50 <= s["steps"] for s in stats), stats

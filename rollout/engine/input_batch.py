@@ -33,6 +33,13 @@ class InputBatch:
         self.num_computed_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
         self.block_table_cpu = torch.zeros(max_num_reqs, max_blocks_per_req, dtype=torch.int32)
         self.num_blocks_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
+        # ``num_tokens_cpu`` counts a row's tokens still in flight (sampled by the last step
+        # launched, not read back yet): placeholders in ``token_ids_cpu``. For those rows,
+        # the index of their token in that step's sampled tensor and its position (-1: none).
+        self.pending_idx_cpu = torch.full((max_num_reqs,), -1, dtype=torch.int64)  # [max_num_reqs]
+        self.pending_pos_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
+        # Bumped whenever a row changes owner, so a late result never lands in a reused row.
+        self.row_gen_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
         self.rows: dict[str, int] = {}
         self.states: dict[int, RowState] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
@@ -45,6 +52,8 @@ class InputBatch:
         self.num_tokens_cpu[idx] = n
         self.num_computed_cpu[idx] = new.num_computed_tokens
         self.num_blocks_cpu[idx] = 0
+        self.pending_idx_cpu[idx] = -1
+        self.row_gen_cpu[idx] += 1
         self.append_blocks(idx, new.block_ids)
         self.states[idx] = RowState(
             new.req_id, new.sampling_params, new.stop_token_ids, new.generator, new.num_prompt_tokens,
@@ -55,6 +64,8 @@ class InputBatch:
         idx = self.rows.pop(req_id, None)
         if idx is not None:
             del self.states[idx]
+            self.pending_idx_cpu[idx] = -1
+            self.row_gen_cpu[idx] += 1
             self._free_rows.append(idx)
 
     def append_blocks(self, idx: int, block_ids: list[int]) -> None:

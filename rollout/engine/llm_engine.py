@@ -9,10 +9,10 @@ import torch
 
 from rollout.distributed.agreement import NoAgreementCheck
 from rollout.engine.kv_cache import KVCacheManager
-from rollout.engine.model_runner import ModelRunner
+from rollout.engine.model_runner import ModelRunner, StepHandle
 from rollout.engine.output_processor import OutputProcessor
 from rollout.engine.request import PromptLogprobsSpec, Request, RequestStatus
-from rollout.engine.scheduler import Scheduler
+from rollout.engine.scheduler import Scheduler, SchedulerOutput
 from rollout.outputs import RequestOutput
 from rollout.platforms import Platform
 from rollout.sampling_params import SamplingParams
@@ -38,6 +38,9 @@ class LLMEngine:
         self.num_prompts = 0
         # Debug: ranks of a TP group check they got the same prompts and sample alike.
         self.agreement = agreement or NoAgreementCheck()
+        # The step launched and not read back yet, and outputs read back by ``flush``.
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        self._ready: list[RequestOutput] = []
 
     @staticmethod
     def child_ids(request_id: str, n: int) -> list[str]:
@@ -71,7 +74,10 @@ class LLMEngine:
         return children
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests to run, or outputs read back but not returned yet. (A step still in
+        flight once every request has finished holds only tokens to throw away; the next
+        step or ``flush`` reads it back.)"""
+        return self.scheduler.has_unfinished_requests() or bool(self._ready)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a prompt's unfinished samples with "abort" (their tokens and logprobs so far
@@ -79,24 +85,46 @@ class LLMEngine:
         state = self.outputs.parents.get(request_id)
         if state is None:
             return None
+        # A token of it still in flight is thrown away at read-back: the output ends with
+        # what the caller has seen.
         self.scheduler.finish_requests([c.req.req_id for c in state.children], RequestStatus.FINISHED_ABORTED)
         return self.outputs.pop_finished(request_id)
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step. Returns an output for every prompt with a sample that got a
         token in it (by its ``output_kind``; see OutputProcessor), ``finished`` when all
-        its samples have ended."""
+        its samples have ended.
+
+        Steps overlap: this call schedules and launches step N+1, then reads back step N
+        (launched by the previous call) while N+1 runs on the device, so the host's
+        scheduling and output work hides behind the device's. The outputs returned are
+        step N's; the step that launches nothing drains the pipeline. A request that stops
+        in step N has had one more token computed in step N+1, which is thrown away."""
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            if self.scheduler.has_unfinished_requests():
-                raise RuntimeError("scheduler made no progress with requests pending (engine bug)")
-            return []
-        run = self.runner.execute(sched)
+        launched = None if sched.is_empty else (sched, self.runner.launch(sched))
+        outs, self._ready = self._ready, []
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            outs += self._read_back(*previous)
+        elif launched is None and self.scheduler.has_unfinished_requests():
+            raise RuntimeError("scheduler made no progress with requests pending (engine bug)")
+        return outs
+
+    def flush(self) -> None:
+        """Read back the step in flight (its outputs come with the next ``step()``), so the
+        KV cache, the weights or the requests can change under no running step."""
+        if self._inflight is not None:
+            previous, self._inflight = self._inflight, None
+            self._ready += self._read_back(*previous)
+
+    def _read_back(self, sched: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        run = self.runner.finish(handle)
         self.num_steps += 1
         self.agreement.check_step(self.num_steps, run.req_ids, run.sampled_token_ids)
-        reqs = {r: self.scheduler.requests[r] for r in run.req_ids}
         for req_id, (start, entries) in run.prompt_logprobs.items():
-            req = reqs[req_id]
+            req = self.scheduler.requests.get(req_id)
+            if req is None:
+                continue  # aborted while the step ran
             # Chunks arrive in order from the first position scored, but a prompt preempted
             # mid-prefill is recomputed with other chunk boundaries: keep only positions not
             # yet covered.
@@ -122,11 +150,13 @@ class LLMEngine:
         return self.outputs.step_outputs(advanced)
 
     def reset_prefix_cache(self) -> None:
+        self.flush()
         self.kv.reset_prefix_cache()
 
     def drop_kv_cache(self) -> None:
         """The KV cache's contents are about to be lost: running requests go back to waiting
         (they recompute later, keeping their tokens) and no cached prefix survives."""
+        self.flush()
         self.scheduler.preempt_all()
         self.kv.reset_prefix_cache()
 

@@ -7,6 +7,7 @@ alike); the last position of each request is sampled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,25 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
+@dataclass
+class StepHandle:
+    """A launched step: what ``ModelRunner.finish`` needs to read it back."""
+
+    req_ids: list[str]
+    rows: list[int]
+    # Host copies (in flight until ``done``) of: sampled ids, their logprobs, ranks, top-k
+    # ids and logprobs (the last four None unless a row asked for logprobs).
+    host: list[torch.Tensor | None]
+    done: Any  # Platform.record_step_done marker
+    want_logprobs: bool
+    num_logprobs: list[int | None]  # per row, its request's SamplingParams.logprobs
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]]
+    done_idx: torch.Tensor  # [num_done] rows of this step that keep their sample
+    done_rows: torch.Tensor  # [num_done] their req_idx
+    done_pos: torch.Tensor  # [num_done] the position their token takes
+    done_gens: torch.Tensor  # [num_done] InputBatch.row_gen_cpu at launch
+
+
 class ModelRunner:
     def __init__(
         self, model: nn.Module, platform: Platform, device: torch.device, *, block_size: int,
@@ -54,6 +74,8 @@ class ModelRunner:
         self.kv_arena: Arena | None = None
         self.graphs: CudaGraphRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
+        # The last launched step's sampled ids [num_reqs] on the device: inputs of the next.
+        self._last_sampled: torch.Tensor | None = None
 
     # ---- KV cache --------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -119,10 +141,15 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Queue one step on the device and return without waiting for it: the sampled
+        tokens come back through ``finish``. Rows whose input token is still in flight (the
+        last step's sample) read it from that step's device tensor, so step N+1 can be
+        queued before step N is read back."""
         self._update_batch(sched)
+        b = self.batch
         req_ids = list(sched.num_scheduled_tokens)
-        rows = torch.tensor([self.batch.rows[r] for r in req_ids], dtype=torch.int64)
+        rows = torch.tensor([b.rows[r] for r in req_ids], dtype=torch.int64)  # [num_reqs]
         num_sched = torch.tensor(list(sched.num_scheduled_tokens.values()), dtype=torch.int64)
         inputs = self._prepare_inputs(rows, num_sched)
         md = inputs["attn"]
@@ -133,12 +160,64 @@ class ModelRunner:
             with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):
                 hidden = self.model(inputs["input_ids"], inputs["positions"])  # [num_tokens, hidden]
                 logits = self.model.compute_logits(hidden[inputs["logits_indices"]])  # [num_reqs, vocab]
-        # Rows that reach the end of their known tokens; a prefill chunk's sample is discarded.
-        completes = (self.batch.num_computed_cpu[rows] + num_sched >= self.batch.num_tokens_cpu[rows]).tolist()
-        out = self._sample(req_ids, rows, completes, logits)
-        self._prompt_logprobs(req_ids, rows, num_sched, inputs, hidden, out)
-        self._advance(rows, num_sched, out.sampled_token_ids)
-        return out
+        # Rows that reach the end of their tokens keep their sample; a prefill chunk's is discarded.
+        completes_t = b.num_computed_cpu[rows] + num_sched >= b.num_tokens_cpu[rows]  # [num_reqs] bool
+        completes = completes_t.tolist()
+        row_list = rows.tolist()
+        smd = self._sampling_metadata(row_list, completes)
+        out = self.sampler(logits, smd)
+        prompt_lp: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+        self._prompt_logprobs(req_ids, rows, num_sched, inputs, hidden, prompt_lp)
+
+        # Host mirrors move on now; the sampled tokens fill their placeholders in finish().
+        b.num_computed_cpu[rows] += num_sched
+        done_idx = completes_t.nonzero().squeeze(1)  # [num_done] index into this step's rows
+        done_rows = rows[done_idx]
+        done_pos = b.num_tokens_cpu[done_rows].clone()  # where each sampled token goes
+        b.num_tokens_cpu[done_rows] += 1
+        b.pending_idx_cpu.fill_(-1)
+        b.pending_idx_cpu[done_rows] = done_idx
+        b.pending_pos_cpu[done_rows] = done_pos
+        self._last_sampled = out.sampled_token_ids
+        want_lp = smd.max_num_logprobs is not None
+        host = [None if t is None else t.to("cpu", non_blocking=True) for t in (
+            out.sampled_token_ids,
+            out.sampled_logprobs if want_lp else None, out.sampled_ranks if want_lp else None,
+            out.topk_token_ids if want_lp else None, out.topk_logprobs if want_lp else None,
+        )]
+        return StepHandle(
+            req_ids, row_list, host, self.platform.record_step_done(self.device), want_lp,
+            [b.states[r].params.logprobs for r in row_list] if want_lp else [], prompt_lp,
+            done_idx, done_rows, done_pos, b.row_gen_cpu[done_rows].clone(),
+        )
+
+    def finish(self, handle: StepHandle) -> ModelRunnerOutput:
+        """Wait for a launched step and return its sampled tokens and logprobs (the step's
+        one host sync); the tokens also take their place in the host token table."""
+        handle.done.synchronize()
+        sampled_t, lp_t, ranks_t, top_ids_t, top_lp_t = handle.host
+        sampled = sampled_t.tolist()
+        b = self.batch
+        # Rows dropped or handed to another request since the launch take nothing.
+        live = b.row_gen_cpu[handle.done_rows] == handle.done_gens
+        b.token_ids_cpu[handle.done_rows[live], handle.done_pos[live]] = sampled_t[handle.done_idx[live]]
+        logprobs: list[TokenLogprobs | None] = [None] * len(handle.req_ids)
+        if handle.want_logprobs:
+            lp, ranks = lp_t.tolist(), ranks_t.tolist()
+            top_ids = top_ids_t.tolist() if top_ids_t is not None else None
+            top_lp = top_lp_t.tolist() if top_lp_t is not None else None
+            for i, k in enumerate(handle.num_logprobs):
+                if k is None:
+                    continue
+                ids = top_ids[i][:k] if top_ids else []
+                vals = top_lp[i][:k] if top_lp else []
+                keep = [j for j, v in enumerate(vals) if v != float("-inf")]
+                logprobs[i] = TokenLogprobs(lp[i], ranks[i], [ids[j] for j in keep], [vals[j] for j in keep])
+        return ModelRunnerOutput(handle.req_ids, sampled, logprobs, handle.prompt_logprobs)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """``launch`` then ``finish``: one step, synchronously."""
+        return self.finish(self.launch(sched))
 
     def _use_graphs(self, rows: torch.Tensor, md: AttentionMetadata) -> bool:
         """Replay a graph for steps of single-token requests none of which needs the hidden
@@ -167,6 +246,9 @@ class ModelRunner:
         positions = start[req_of_token] + torch.arange(total) - cu[:-1][req_of_token]  # [total]
         token_rows = rows[req_of_token]
         input_ids = b.token_ids_cpu[token_rows, positions]
+        # Tokens still in flight: the last step's samples, read on the device.
+        src = b.pending_idx_cpu[token_rows]  # [total]
+        from_last = (src >= 0) & (positions == b.pending_pos_cpu[token_rows])
         slots = b.block_table_cpu[token_rows, positions // self.block_size].long() * self.block_size
         slots += positions % self.block_size
         seq_lens = start + num_sched  # [num_reqs]
@@ -182,8 +264,12 @@ class ModelRunner:
             max_query_len=int(num_sched.max()),
             max_seq_len=int(seq_lens.max()),
         )
+        input_ids = input_ids.to(dev, non_blocking=True)
+        if bool(from_last.any()):
+            src = torch.where(from_last, src, 0).to(dev, non_blocking=True)
+            input_ids = torch.where(from_last.to(dev, non_blocking=True), self._last_sampled[src], input_ids)
         return {
-            "input_ids": input_ids.to(dev, non_blocking=True),
+            "input_ids": input_ids,
             "positions": positions.to(dev, non_blocking=True),
             "positions_cpu": positions,
             "cu_cpu": cu,
@@ -225,30 +311,7 @@ class ModelRunner:
             logprobs_mode=torch.tensor(modes, dtype=torch.int64, device=self.device) if any(modes) else None,
         )
 
-    def _sample(
-        self, req_ids: list[str], rows: torch.Tensor, completes: list[bool], logits: torch.Tensor
-    ) -> ModelRunnerOutput:
-        row_list = rows.tolist()
-        md = self._sampling_metadata(row_list, completes)
-        s = self.sampler(logits, md)
-        # The step's one host sync: everything the scheduler and outputs need, at once.
-        sampled = s.sampled_token_ids.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * len(req_ids)
-        if md.max_num_logprobs is not None:
-            lp, ranks = s.sampled_logprobs.tolist(), s.sampled_ranks.tolist()
-            top_ids = s.topk_token_ids.tolist() if s.topk_token_ids is not None else None
-            top_lp = s.topk_logprobs.tolist() if s.topk_logprobs is not None else None
-            for i, r in enumerate(row_list):
-                k = self.batch.states[r].params.logprobs
-                if k is None:
-                    continue
-                ids = top_ids[i][:k] if top_ids else []
-                vals = top_lp[i][:k] if top_lp else []
-                keep = [j for j, v in enumerate(vals) if v != float("-inf")]
-                logprobs[i] = TokenLogprobs(lp[i], ranks[i], [ids[j] for j in keep], [vals[j] for j in keep])
-        return ModelRunnerOutput(req_ids, sampled, logprobs)
-
-    def _prompt_logprobs(self, req_ids, rows, num_sched, inputs, hidden, out: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(self, req_ids, rows, num_sched, inputs, hidden, out: dict) -> None:
         """Logprobs of the prompt tokens this step's chunk predicts (prompt_logprobs, and
         LLM.score's teacher forcing): only positions from ``spec.start - 1`` on."""
         b = self.batch
@@ -278,14 +341,4 @@ class ModelRunner:
                 )
                 for j, (v, rk) in enumerate(zip(tok_lp.tolist(), ranks.tolist()))
             ]
-            out.prompt_logprobs[req_ids[i]] = (int(pos[keep][0]), entries)
-
-    def _advance(self, rows: torch.Tensor, num_sched: torch.Tensor, sampled: list[int]) -> None:
-        b = self.batch
-        b.num_computed_cpu[rows] += num_sched
-        # Rows that reached the end of their tokens take the sampled one (vectorised: no
-        # per-request Python in steady decode).
-        done = b.num_computed_cpu[rows] >= b.num_tokens_cpu[rows]  # [num_reqs] bool
-        done_rows = rows[done]
-        b.token_ids_cpu[done_rows, b.num_tokens_cpu[done_rows]] = torch.tensor(sampled, dtype=torch.int64)[done]
-        b.num_tokens_cpu[done_rows] += 1
+            out[req_ids[i]] = (int(pos[keep][0]), entries)

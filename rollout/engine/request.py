@@ -91,6 +91,10 @@ class Request:
     output_weight_versions: list[int] = field(default_factory=list)
     # Set for a teacher-forced scoring request (LLM.score): its prompt logprobs.
     score: PromptLogprobsSpec | None = None
+    # Tokens sampled by scheduled steps whose results have not come back yet (0-2: the
+    # engine schedules step N+1 before it reads step N's tokens). ``num_computed_tokens``
+    # already counts the steps scheduled, so it may run ahead of ``num_tokens``.
+    num_pending_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -136,6 +140,22 @@ class Request:
         if self.score is not None:
             return min(self.num_tokens - 1, self.score.start - 1)
         return self.num_tokens - 1
+
+    @property
+    def num_scheduled_end(self) -> int:
+        """The tokens the request will hold once every step scheduled so far is back."""
+        return self.num_tokens + self.num_pending_tokens
+
+    @property
+    def may_sample_more(self) -> bool:
+        """False when the tokens already in flight reach a length limit: scheduling another
+        step could only produce a token that is thrown away."""
+        if not self.num_pending_tokens:
+            return True
+        params = self.sampling_params
+        if params.max_tokens is not None and self.num_output_tokens + self.num_pending_tokens >= params.max_tokens:
+            return False
+        return self.num_scheduled_end < self.max_num_tokens
 
     def check_stop(self) -> RequestStatus | None:
         """Stop conditions that depend on token ids alone (stop strings are the detokenizer's)."""

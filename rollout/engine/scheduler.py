@@ -71,6 +71,9 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # in execution order
     # Rows the runner must drop before this step: finished or preempted since the last one.
     removed_req_ids: set[str] = field(default_factory=set)
+    # The scheduler's own record (the runner ignores it): requests whose sample this step
+    # keeps, in execution order; ``Scheduler.update`` hands them their tokens.
+    sampling_reqs: list[Request] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -125,15 +128,23 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's ``{req_id: num_tokens}`` and advance each request's
+        ``num_computed_tokens`` by it at once, so the next step can be scheduled before this
+        one's sampled tokens are back (``update`` appends them later). A request whose
+        tokens in flight already reach its length limit is not scheduled again."""
         out = SchedulerOutput(removed_req_ids=self._removed)
         self._removed = set()
         budget = self.config.max_num_batched_tokens
         preempted = False
 
+        scheduled: list[tuple[Request, int]] = []
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_scheduled_end - req.num_computed_tokens, budget)
+            if req.num_computed_tokens + num_new >= req.num_scheduled_end and not req.may_sample_more:
+                idx += 1  # its last token is in flight: nothing left to compute
+                continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim, out)
@@ -142,12 +153,13 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break
-            out.num_scheduled_tokens[req.req_id] = num_new
+            scheduled.append((req, num_new))
             budget -= num_new
             idx += 1
-        for req in self.running[:idx]:
+        for req, num_new in scheduled:
             self._emit_cached(req, out)
-            self.kv.cache_blocks(req, req.num_computed_tokens + out.num_scheduled_tokens[req.req_id])
+            out.num_scheduled_tokens[req.req_id] = num_new
+            self._advance(req, num_new, out)
 
         # After a preemption the pool is too tight to admit anyone new this step.
         while (
@@ -155,6 +167,8 @@ class Scheduler:
             and self.waiting
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
+            # A request preempted with a token in flight waits for it (its recompute needs it).
+            and not self.waiting[0].num_pending_tokens
         ):
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(req)
@@ -180,28 +194,44 @@ class Scheduler:
                     req.stop_token_ids, req.generator, block_ids, num_hit, req.prompt_logprobs_spec,
                 )
             )
-            self.kv.cache_blocks(req, num_hit + num_new)
+            self._advance(req, num_new, out)
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> tuple[list[Request], list[Request]]:
-        """Advance every scheduled request; append the sampled token to those that reached
-        the end of their known tokens. Returns (requests that got a token, finished ones)."""
+        """Take the tokens sampled by the step ``out`` scheduled (``{req_id: token}``; rows
+        whose sample is discarded, like a prefill chunk's, may be in it too). Requests that
+        finished or were aborted since that step was scheduled are skipped. Returns
+        (requests that got a token, finished ones)."""
         advanced, finished = [], []
-        for req_id, num in out.num_scheduled_tokens.items():
-            req = self.requests[req_id]
-            req.num_computed_tokens += num
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a prefill chunk: its sample is discarded
-            req.output_token_ids.append(sampled[req_id])
+        for req in out.sampling_reqs:
+            if req.is_finished or self.requests.get(req.req_id) is not req:
+                continue  # stopped while this step was in flight: its token is thrown away
+            req.num_pending_tokens -= 1
+            req.output_token_ids.append(sampled[req.req_id])
             advanced.append(req)
             status = req.check_stop()
             if status is not None:
-                self.running.remove(req)
+                if req.status == RequestStatus.RUNNING:
+                    # Blocks that waited for this token join the prefix cache before the
+                    # request lets them go (the next turn of a conversation hits them).
+                    self.kv.cache_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+                    self.running.remove(req)
+                else:  # preempted while its token was in flight
+                    self.waiting.remove(req)
                 self._finish(req, status)
                 finished.append(req)
         return advanced, finished
 
     # ---- internals ----------------------------------------------------------------
+    def _advance(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
+        """Count this step's tokens as computed; register the full blocks whose tokens are
+        all known (a block ending in a token still in flight waits for a later step)."""
+        self.kv.cache_blocks(req, min(req.num_computed_tokens + num_new, req.num_tokens))
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens >= req.num_scheduled_end:
+            req.num_pending_tokens += 1
+            out.sampling_reqs.append(req)
+
     def _emit_cached(self, req: Request, out: SchedulerOutput) -> None:
         sent = self._num_sent_blocks[req.req_id]
         block_ids = self.kv.block_ids(req.req_id, start=sent)  # only the new ones: O(1) a step

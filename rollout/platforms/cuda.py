@@ -49,6 +49,11 @@ class CudaPlatform(Platform):
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
+    def record_step_done(self, device: torch.device) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
+
     def mem_get_info(self, device: torch.device) -> tuple[int, int]:
         free, total = torch.cuda.mem_get_info(device)
         return int(free), int(total)

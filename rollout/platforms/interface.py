@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -84,6 +84,12 @@ class Platform(ABC):
     def synchronize(self, device: torch.device) -> None:
         """Block until all work queued on ``device`` has finished."""
 
+    def record_step_done(self, device: torch.device) -> Any:
+        """A marker of the work queued on ``device`` so far; its ``synchronize()`` waits for
+        it (the engine reads a step's sampled tokens while the next step runs). Platforms
+        whose ops run eagerly return one that does not wait."""
+        return _DONE
+
     @abstractmethod
     def mem_get_info(self, device: torch.device) -> tuple[int, int]:
         """(free, total) bytes of the memory that ``device`` allocates from."""
@@ -110,3 +116,13 @@ class Platform(ABC):
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         return gen
+
+
+class _Done:
+    """The marker of work that has already finished."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+_DONE = _Done()
