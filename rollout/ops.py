@@ -19,8 +19,10 @@ class Ops:
     rotary: Callable  # (positions, q, k, cos_sin_cache) -> (q, k)
     silu_and_mul: Callable  # (x [T, 2d]) -> [T, d]
     # One-pass sampling for steps with no filter (temperature only): (logits, temperature,
-    # noise) -> (token ids, logprobs); None: the sampler's torch path does everything.
+    # noise, seed=None) -> (token ids, logprobs); None: the sampler's torch path does everything.
     sample_tokens: Callable | None = None
+    # (logits, temperature, token ids) -> 1-based ranks, for that path's logprobs.
+    rank_tokens: Callable | None = None
 
 
 TORCH_OPS = Ops("torch", rms_norm_ref, rotary_ref, silu_and_mul_ref)
@@ -31,9 +33,9 @@ def _triton_ops() -> Ops:
     from rollout.kernels.triton_activation import silu_and_mul
     from rollout.kernels.triton_layernorm import rms_norm
     from rollout.kernels.triton_rotary import rotary
-    from rollout.kernels.triton_sampling import sample_tokens
+    from rollout.kernels.triton_sampling import rank_tokens, sample_tokens
 
-    return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens)
+    return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens)
 
 
 def get_ops(name: str) -> Ops:

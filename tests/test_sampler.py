@@ -227,8 +227,8 @@ def test_fused_path_is_taken_only_without_filters_and_matches_the_torch_path():
 
     calls = []
 
-    def stand_in(logits, temperature, noise):
-        calls.append(1)
+    def stand_in(logits, temperature, noise, seed=None):
+        calls.append(seed)
         t = torch.where(temperature < 1e-5, 1.0, temperature)[:, None]
         lp = (logits.float() / t).log_softmax(-1)
         tok = torch.where(temperature < 1e-5, lp.argmax(-1), (lp - noise.log()).argmax(-1) if noise is not None else lp.argmax(-1))
@@ -241,11 +241,17 @@ def test_fused_path_is_taken_only_without_filters_and_matches_the_torch_path():
                     all_greedy=False, max_num_logprobs=None, banned_token_ids={3: [int(logits[3].argmax())]})
         base.update(kw)
         return SamplingMetadata(**base)
-    fused = Sampler(stand_in)(logits, md())
-    ref = Sampler()(logits, md())
-    assert calls and torch.equal(fused.sampled_token_ids, ref.sampled_token_ids)
+    fused = Sampler(stand_in)(logits, md(max_num_logprobs=0))
+    ref = Sampler()(logits, md(max_num_logprobs=0))
+    assert calls == [None] and torch.equal(fused.sampled_token_ids, ref.sampled_token_ids)
     torch.testing.assert_close(fused.sampled_logprobs, ref.sampled_logprobs)
     assert torch.equal(fused.sampled_ranks, ref.sampled_ranks)
+    # No logprobs asked for: no rank pass.
+    assert Sampler(stand_in)(logits, md()).sampled_ranks is None
+    # No row with its own generator: the kernel gets a seed to draw the noise itself.
+    calls.clear()
+    Sampler(stand_in)(logits, md(generators={}, noise_seed=1234))
+    assert calls == [1234]
     calls.clear()
     Sampler(stand_in)(logits, md(top_k=torch.tensor([0, 3, 0, 0, 0])))
     Sampler(stand_in)(logits, md(max_num_logprobs=2))

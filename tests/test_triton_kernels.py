@@ -321,6 +321,48 @@ def test_sample_tokens_random_row_follows_noise():
 
 
 @interpreted
+def test_sample_tokens_in_kernel_noise_follows_the_distribution():
+    """Philox noise drawn in the kernel (no noise tensor): the same seed gives the same
+    tokens, tokens follow softmax(logits / T), logprobs are those of the tokens drawn,
+    greedy rows stay argmax."""
+    sample_tokens = triton_sampling.sample_tokens
+    vocab, num_reqs = 6, 1500
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")])
+    logits = base.repeat(num_reqs, 1)
+    temperature = torch.full((num_reqs,), 1.5)
+    temperature[::50] = 0.0  # greedy rows mixed in
+    tokens, logprobs = sample_tokens(logits, temperature, None, num_splits=1, seed=7)
+    again, _ = sample_tokens(logits, temperature, None, num_splits=1, seed=7)
+    other, _ = sample_tokens(logits, temperature, None, num_splits=1, seed=8)
+    assert torch.equal(tokens, again) and not torch.equal(tokens, other)
+    greedy = temperature == 0
+    assert (tokens[greedy] == 0).all()
+    rand = tokens[~greedy]
+    assert (rand != 5).all()  # a masked token never wins
+    want = (base / 1.5).softmax(-1)
+    freq = torch.bincount(rand, minlength=vocab).float() / rand.numel()
+    assert (freq - want).abs().max() < 0.04, (freq, want)  # ~4 sigma at 1470 draws
+    lp = (base / 1.5).log_softmax(-1)
+    torch.testing.assert_close(logprobs[~greedy], lp[rand], atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rank_tokens_matches_the_samplers_count(dtype):
+    from rollout.engine.sampler import _rank_tokens
+
+    gen = _gen(5)
+    logits = (_randn(gen, 6, 2500) * 2).to(dtype)
+    logits[2, :100] = logits[2, 0]  # ties with the chosen token do not count
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.3, 1e-6, 2.0])
+    token_ids = torch.tensor([int(logits[0].float().argmax()), 5, 0, 2499, 17, 1234])
+    got = triton_sampling.rank_tokens(logits, temperature, token_ids)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, _rank_tokens(logits, temperature, token_ids))
+    assert int(got[0]) == 1
+
+
+@interpreted
 def test_sample_tokens_greedy_threshold_is_the_samplers():
     assert triton_sampling.GREEDY_EPS == _GREEDY_EPS
     empty_tokens, empty_logprobs = triton_sampling.sample_tokens(torch.empty(0, 10), torch.empty(0), None)
@@ -406,6 +448,18 @@ def test_gpu_sample_tokens_real_shape(dtype, num_reqs):
     )
     # Same noise, same token, up to fp32 near-ties of the race (log space vs prob space).
     assert mismatches <= compared // 1000, f"{mismatches} of {compared} tokens differ"
+    # Ranks: the kernel's count equals the sampler's torch count.
+    from rollout.engine.sampler import _rank_tokens
+
+    temp_t = torch.tensor(temperature, device="cuda")
+    some = torch.randint(0, VOCAB, (num_reqs,), device="cuda", generator=gen)
+    assert torch.equal(triton_sampling.rank_tokens(logits, temp_t, some), _rank_tokens(logits, temp_t, some))
+    # In-kernel noise: deterministic per seed, greedy rows argmax.
+    tokens, _ = sample_tokens(logits, temp_t, None, seed=3)
+    again, _ = sample_tokens(logits, temp_t, None, seed=3)
+    assert torch.equal(tokens, again)
+    greedy = temp_t == 0
+    assert torch.equal(tokens[greedy], logits.float().argmax(-1)[greedy])
     # All greedy, no noise.
     tokens, logprobs = sample_tokens(logits, torch.zeros(num_reqs, device="cuda"), None)
     raw = logits.float().log_softmax(-1)

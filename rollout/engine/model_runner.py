@@ -68,9 +68,11 @@ class ModelRunner:
         self.batch = InputBatch(max_num_reqs, max_model_len, self.max_blocks_per_req)
         self.backend = get_attention_backend(platform.attention_backend())
         self.ops = get_ops(platform.ops_backend())
-        self.sampler = Sampler(self.ops.sample_tokens)
-        # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)).
+        self.sampler = Sampler(self.ops.sample_tokens, self.ops.rank_tokens)
+        # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)), or
+        # from a per-step seed of the host one when the fused sampler draws its own noise.
         self.generator = platform.manual_seed_generator(seed, device)
+        self.noise_seeds = torch.Generator().manual_seed(seed)
         self.kv_arena: Arena | None = None
         self.graphs: CudaGraphRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -309,6 +311,7 @@ class ModelRunner:
             max_num_logprobs=max(k) if k else None,
             banned_token_ids=banned,
             logprobs_mode=torch.tensor(modes, dtype=torch.int64, device=self.device) if any(modes) else None,
+            noise_seed=int(torch.randint(2**31 - 1, (1,), generator=self.noise_seeds)),
         )
 
     def _prompt_logprobs(self, req_ids, rows, num_sched, inputs, hidden, out: dict) -> None:

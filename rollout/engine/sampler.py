@@ -36,13 +36,16 @@ class SamplingMetadata:
     banned_token_ids: dict[int, list[int]]  # req_idx -> token ids forbidden this step
     # [num_reqs] int64, LOGPROBS_MODE_IDS of each row's logprobs_mode; None: all "processed".
     logprobs_mode: torch.Tensor | None = None
+    # A fresh seed per step for noise the fused kernel may draw itself (Philox), used when
+    # no row has its own generator; None: noise always comes from the generators.
+    noise_seed: int | None = None
 
 
 @dataclass
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [num_reqs] int64
     sampled_logprobs: torch.Tensor  # [num_reqs] fp32, under each row's logprobs_mode
-    sampled_ranks: torch.Tensor  # [num_reqs] int64, 1 = most likely
+    sampled_ranks: torch.Tensor | None  # [num_reqs] int64, 1 = most likely; None: not asked for
     topk_token_ids: torch.Tensor | None  # [num_reqs, k] int64, most likely first
     topk_logprobs: torch.Tensor | None  # [num_reqs, k] fp32; -inf entries are masked tokens
 
@@ -116,8 +119,9 @@ class Sampler:
     for top-k logprobs: the common RL case, with no sort and no full softmax passes.
     """
 
-    def __init__(self, fused_sample: Callable | None = None) -> None:
+    def __init__(self, fused_sample: Callable | None = None, fused_rank: Callable | None = None) -> None:
         self.fused_sample = fused_sample
+        self.fused_rank = fused_rank or _rank_tokens
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         if self.fused_sample is not None and _fusable(md):
@@ -128,12 +132,15 @@ class Sampler:
         if md.banned_token_ids:
             logits = logits.to(torch.float32, copy=True)
             _ban_tokens(logits, md.banned_token_ids)
-        noise = None if md.all_greedy else _exponential_noise(logits, md)
-        sampled, token_logprobs = self.fused_sample(logits, md.temperature, noise)
-        # Rank under the same (tempered) distribution: one comparison pass over the row.
-        greedy = md.temperature < _GREEDY_EPS
-        scaled = logits.float() / torch.where(greedy, 1.0, md.temperature)[:, None]  # [num_reqs, vocab]
-        ranks = (scaled > scaled.gather(-1, sampled[:, None])).sum(-1) + 1
+        if md.all_greedy:
+            sampled, token_logprobs = self.fused_sample(logits, md.temperature, None)
+        elif not md.generators and md.noise_seed is not None:
+            # No row has its own stream: the kernel draws the noise itself.
+            sampled, token_logprobs = self.fused_sample(logits, md.temperature, None, seed=md.noise_seed)
+        else:
+            sampled, token_logprobs = self.fused_sample(logits, md.temperature, _exponential_noise(logits, md))
+        # Rank under the same (tempered) distribution, only when logprobs are returned.
+        ranks = None if md.max_num_logprobs is None else self.fused_rank(logits, md.temperature, sampled)
         return SamplerOutput(sampled, token_logprobs, ranks, None, None)
 
     def _torch(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
@@ -161,6 +168,13 @@ class Sampler:
         k = md.max_num_logprobs or 0
         token_logprobs, ranks, topk_ids, topk_logprobs = gather_logprobs(logprobs, sampled, k)
         return SamplerOutput(sampled, token_logprobs, ranks, topk_ids, topk_logprobs)
+
+
+def _rank_tokens(logits: torch.Tensor, temperature: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """1-based rank of ``token_ids`` under ``logits / T`` (greedy rows untempered)."""
+    greedy = temperature < _GREEDY_EPS
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]  # [num_reqs, vocab]
+    return (scaled > scaled.gather(-1, token_ids[:, None])).sum(-1) + 1
 
 
 def _fusable(md: SamplingMetadata) -> bool:

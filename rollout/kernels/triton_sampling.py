@@ -52,7 +52,7 @@ _NUM_WARPS = 8  # with _BLOCK_V = 1024: 4 tokens per thread per step (tuned on H
 def _sample_tokens_kernel(
     logits_ptr,  # [num_reqs, vocab] bf16/fp16/fp32
     temperature_ptr,  # [num_reqs] fp32; < GREEDY_EPS: greedy row
-    noise_ptr,  # [num_reqs, vocab] fp32 Exp(1); unused unless HAS_NOISE
+    noise_ptr,  # [num_reqs, vocab] fp32 Exp(1); read only if NOISE == 1
     partial_ptr,  # [4, num_reqs, num_splits] fp32: max logit, sum of exp, best score, its logit
     partial_idx_ptr,  # [num_reqs, num_splits] int32: token id of the best score
     token_ptr,  # [num_reqs] int64; written only if FINAL
@@ -64,7 +64,8 @@ def _sample_tokens_kernel(
     num_splits,
     greedy_eps,
     tiny,
-    HAS_NOISE: tl.constexpr,
+    seed,  # Philox seed of the in-kernel noise (NOISE == 2)
+    NOISE: tl.constexpr,  # 0: none (all rows greedy), 1: from noise_ptr, 2: drawn here
     FINAL: tl.constexpr,  # num_splits == 1: write the result, skip the combine kernel
     BLOCKS_PER_SPLIT: tl.constexpr,  # a power of two: few specialisations across batch sizes
     BLOCK_V: tl.constexpr,
@@ -94,8 +95,15 @@ def _sample_tokens_kernel(
         mask = offs < vocab
         x = tl.load(logits_ptr + row * logits_row_stride + offs, mask=mask, other=float("-inf"))
         x = x.to(tl.float32)
-        if HAS_NOISE:
+        if NOISE == 1:
             q = tl.load(noise_ptr + row * noise_row_stride + offs, mask=offs < noise_end, other=1.0)
+            score = x - tl.log2(tl.maximum(q, tiny)) * log2_scale
+        elif NOISE == 2:
+            # q = -ln(u), u ~ U[0, 1) from Philox at (seed, row * vocab + token): no noise
+            # tensor written and read back. u = 0 gives q = inf, a score of -inf.
+            u = tl.rand(seed, (row * vocab + offs).to(tl.int32))
+            q = -tl.log2(u) * 0.6931471805599453
+            q = tl.where(offs < noise_end, q, 1.0)
             score = x - tl.log2(tl.maximum(q, tiny)) * log2_scale
         else:
             score = x
@@ -175,13 +183,18 @@ def _default_num_splits(num_reqs: int, device: torch.device) -> int:
 def sample_tokens(
     logits: torch.Tensor,  # [num_reqs, vocab] bf16/fp16/fp32, banned tokens already -inf
     temperature: torch.Tensor,  # [num_reqs] fp32; 0 (< 1e-5) for greedy rows
-    noise: torch.Tensor | None,  # [num_reqs, vocab] fp32 Exp(1); None only if all rows greedy
+    noise: torch.Tensor | None,  # [num_reqs, vocab] fp32 Exp(1); None: all greedy, or ``seed``
     num_splits: int | None = None,  # vocab splits per row; None: enough to fill the GPU
+    seed: int | None = None,  # with noise=None: draw q ~ Exp(1) in the kernel (Philox)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sampled_token_ids [num_reqs] int64, sampled_logprobs [num_reqs] fp32)``.
 
-    Only valid when no row has top-k, top-p or min-p (see the module docstring)."""
+    Only valid when no row has top-k, top-p or min-p (see the module docstring). With
+    ``seed`` and no ``noise`` the exponential noise is drawn inside the kernel from Philox
+    at ``(seed, row * vocab + token)``: the same seed gives the same tokens, and no
+    [num_reqs, vocab] noise tensor is written and read (for steps with no seeded request)."""
     num_reqs, vocab = logits.shape
+    assert num_reqs * vocab < _INT32_MAX or seed is None, "Philox offsets are int32"
     assert temperature.shape == (num_reqs,) and temperature.dtype == torch.float32
     assert 0 < vocab < _INT32_MAX - _BLOCK_V
     if logits.stride(-1) != 1:
@@ -210,8 +223,8 @@ def sample_tokens(
         logits, temperature, logits if noise is None else noise, partial, partial_idx,
         token_ids, logprobs,
         logits.stride(0), 0 if noise is None else noise.stride(0),
-        num_reqs, vocab, num_splits, GREEDY_EPS, _FP32_TINY,
-        HAS_NOISE=noise is not None,
+        num_reqs, vocab, num_splits, GREEDY_EPS, _FP32_TINY, 0 if seed is None else seed,
+        NOISE=1 if noise is not None else (2 if seed is not None else 0),
         FINAL=final,
         BLOCKS_PER_SPLIT=blocks_per_split,
         BLOCK_V=_BLOCK_V,
@@ -224,3 +237,45 @@ def sample_tokens(
             num_warps=1,
         )
     return token_ids, logprobs
+
+
+@triton.jit
+def _rank_tokens_kernel(
+    logits_ptr,  # [num_reqs, vocab] bf16/fp16/fp32
+    temperature_ptr,  # [num_reqs] fp32; < GREEDY_EPS: greedy row (untempered)
+    token_ptr,  # [num_reqs] int64
+    rank_ptr,  # [num_reqs] int64
+    logits_row_stride,
+    vocab,
+    greedy_eps,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    temperature = tl.load(temperature_ptr + row)
+    temperature = tl.where(temperature >= greedy_eps, temperature, 1.0)
+    base = logits_ptr + row * logits_row_stride
+    tok = tl.load(token_ptr + row)
+    # The same fp32 division as the sampler's ``logits.float() / T``: identical comparisons.
+    v = tl.load(base + tok).to(tl.float32) / temperature
+    count = tl.zeros([BLOCK_V], tl.int32)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) / temperature
+        count += (x > v).to(tl.int32)
+    tl.store(rank_ptr + row, tl.sum(count, axis=0).to(tl.int64) + 1)
+
+
+def rank_tokens(logits: torch.Tensor, temperature: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """1-based rank [num_reqs] int64 of ``token_ids`` under ``logits / T`` (greedy rows:
+    untempered): one more than the tokens strictly more likely. One read of the logits;
+    the sampler's torch path materialises the tempered fp32 logits for the same count."""
+    num_reqs, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    ranks = torch.empty(num_reqs, dtype=torch.int64, device=logits.device)
+    if num_reqs:
+        _rank_tokens_kernel[(num_reqs,)](
+            logits, temperature.contiguous(), token_ids.contiguous(), ranks, logits.stride(0), vocab, GREEDY_EPS,
+            BLOCK_V=2048, num_warps=8,
+        )
+    return ranks
