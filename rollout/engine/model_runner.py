@@ -18,6 +18,7 @@ from rollout.engine.input_batch import InputBatch
 from rollout.engine.request import TokenLogprobs
 from rollout.engine.sampler import LOGPROBS_MODE_IDS, Sampler, SamplingMetadata, gather_logprobs
 from rollout.engine.scheduler import SchedulerOutput
+from rollout.engine.staging import Staging
 from rollout.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from rollout.memory.arena import Arena
 from rollout.ops import get_ops
@@ -76,8 +77,17 @@ class ModelRunner:
         self.kv_arena: Arena | None = None
         self.graphs: CudaGraphRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
+        self.staging = Staging(self._max_step_bytes(max_num_batched_tokens), device, platform.pin_host_memory)
         # The last launched step's sampled ids [num_reqs] on the device: inputs of the next.
         self._last_sampled: torch.Tensor | None = None
+
+    def _max_step_bytes(self, max_num_batched_tokens: int) -> int:
+        """An upper bound of what ``Staging.send`` carries in one step (see _prepare_inputs
+        and _sampling_metadata): per token 4 int64, per row 5 int64/fp32 and a block-table
+        row, plus alignment."""
+        tokens = max(max_num_batched_tokens, self.batch.max_num_reqs)
+        rows = self.batch.max_num_reqs
+        return 8 * 4 * tokens + 8 * 8 * (rows + 1) + 4 * rows * self.max_blocks_per_req + 16 * 16
 
     # ---- KV cache --------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -153,7 +163,15 @@ class ModelRunner:
         req_ids = list(sched.num_scheduled_tokens)
         rows = torch.tensor([b.rows[r] for r in req_ids], dtype=torch.int64)  # [num_reqs]
         num_sched = torch.tensor(list(sched.num_scheduled_tokens.values()), dtype=torch.int64)
-        inputs = self._prepare_inputs(rows, num_sched)
+        # Rows that reach the end of their tokens keep their sample; a prefill chunk's is discarded.
+        completes_t = b.num_computed_cpu[rows] + num_sched >= b.num_tokens_cpu[rows]  # [num_reqs] bool
+        completes = completes_t.tolist()
+        row_list = rows.tolist()
+        host = self._prepare_inputs(rows, num_sched)
+        smd, sampling_host = self._sampling_metadata(row_list, completes)
+        dev = self.staging.send({**host["send"], **sampling_host})
+        inputs = self._device_inputs(host, dev)
+        self._fill_sampling_metadata(smd, dev)
         md = inputs["attn"]
         if self._use_graphs(rows, md):
             hidden = None
@@ -162,11 +180,6 @@ class ModelRunner:
             with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):
                 hidden = self.model(inputs["input_ids"], inputs["positions"])  # [num_tokens, hidden]
                 logits = self.model.compute_logits(hidden[inputs["logits_indices"]])  # [num_reqs, vocab]
-        # Rows that reach the end of their tokens keep their sample; a prefill chunk's is discarded.
-        completes_t = b.num_computed_cpu[rows] + num_sched >= b.num_tokens_cpu[rows]  # [num_reqs] bool
-        completes = completes_t.tolist()
-        row_list = rows.tolist()
-        smd = self._sampling_metadata(row_list, completes)
         out = self.sampler(logits, smd)
         prompt_lp: dict[str, tuple[int, list[TokenLogprobs]]] = {}
         self._prompt_logprobs(req_ids, rows, num_sched, inputs, hidden, prompt_lp)
@@ -239,6 +252,7 @@ class ModelRunner:
                 self.batch.append_blocks(self.batch.rows[cached.req_id], cached.new_block_ids)
 
     def _prepare_inputs(self, rows: torch.Tensor, num_sched: torch.Tensor) -> dict:
+        """The step's inputs on the host: ``send`` holds what goes to the device."""
         b = self.batch
         num_reqs, total = len(rows), int(num_sched.sum())
         cu = torch.zeros(num_reqs + 1, dtype=torch.int64)  # [num_reqs + 1]
@@ -248,49 +262,62 @@ class ModelRunner:
         positions = start[req_of_token] + torch.arange(total) - cu[:-1][req_of_token]  # [total]
         token_rows = rows[req_of_token]
         input_ids = b.token_ids_cpu[token_rows, positions]
-        # Tokens still in flight: the last step's samples, read on the device.
+        # Tokens still in flight: the last step's samples, read on the device (-1: known here).
         src = b.pending_idx_cpu[token_rows]  # [total]
         from_last = (src >= 0) & (positions == b.pending_pos_cpu[token_rows])
         slots = b.block_table_cpu[token_rows, positions // self.block_size].long() * self.block_size
         slots += positions % self.block_size
         seq_lens = start + num_sched  # [num_reqs]
         max_blocks = -(-int(seq_lens.max()) // self.block_size)
-        dev = self.device
-        attn = AttentionMetadata(
-            slot_mapping=slots.to(dev, non_blocking=True),
-            block_tables=b.block_table_cpu[rows, :max_blocks].to(dev, non_blocking=True),
-            query_start_loc=cu.to(torch.int32).to(dev, non_blocking=True),
-            seq_lens=seq_lens.to(torch.int32).to(dev, non_blocking=True),
-            query_start_loc_cpu=cu,
-            seq_lens_cpu=seq_lens,
-            max_query_len=int(num_sched.max()),
-            max_seq_len=int(seq_lens.max()),
-        )
-        input_ids = input_ids.to(dev, non_blocking=True)
-        if bool(from_last.any()):
-            src = torch.where(from_last, src, 0).to(dev, non_blocking=True)
-            input_ids = torch.where(from_last.to(dev, non_blocking=True), self._last_sampled[src], input_ids)
+        send = {
+            "input_ids": input_ids,  # [total] int64
+            "positions": positions,  # [total] int64
+            "slot_mapping": slots,  # [total] int64
+            "block_tables": b.block_table_cpu[rows, :max_blocks],  # [num_reqs, max_blocks] int32
+            "query_start_loc": cu.to(torch.int32),  # [num_reqs + 1]
+            "seq_lens": seq_lens.to(torch.int32),  # [num_reqs]
+            "logits_indices": cu[1:] - 1,  # [num_reqs] int64
+        }
+        any_from_last = bool(from_last.any())
+        if any_from_last:
+            send["from_last"] = torch.where(from_last, src, -1)  # [total] int64
         return {
-            "input_ids": input_ids,
-            "positions": positions.to(dev, non_blocking=True),
-            "positions_cpu": positions,
-            "cu_cpu": cu,
-            "logits_indices": (cu[1:] - 1).to(dev, non_blocking=True),
-            "attn": attn,
+            "send": send, "any_from_last": any_from_last, "positions_cpu": positions, "cu_cpu": cu,
+            "seq_lens_cpu": seq_lens, "max_query_len": int(num_sched.max()), "max_seq_len": int(seq_lens.max()),
         }
 
-    def _sampling_metadata(self, rows: list[int], completes: list[bool]) -> SamplingMetadata:
+    def _device_inputs(self, host: dict, dev: dict[str, torch.Tensor]) -> dict:
+        input_ids = dev["input_ids"]
+        if host["any_from_last"]:
+            src = dev["from_last"]
+            input_ids = torch.where(src >= 0, self._last_sampled[src.clamp(min=0)], input_ids)
+        attn = AttentionMetadata(
+            slot_mapping=dev["slot_mapping"], block_tables=dev["block_tables"],
+            query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
+            query_start_loc_cpu=host["cu_cpu"], seq_lens_cpu=host["seq_lens_cpu"],
+            max_query_len=host["max_query_len"], max_seq_len=host["max_seq_len"],
+        )
+        return {
+            "input_ids": input_ids, "positions": dev["positions"], "positions_cpu": host["positions_cpu"],
+            "cu_cpu": host["cu_cpu"], "logits_indices": dev["logits_indices"], "attn": attn,
+        }
+
+    def _sampling_metadata(self, rows: list[int], completes: list[bool]) -> tuple[SamplingMetadata, dict]:
+        """The step's SamplingMetadata, its per-row tensors still on the host (returned
+        beside it, to be staged; ``_fill_sampling_metadata`` puts the device ones in)."""
         states = [self.batch.states[r] for r in rows]
         params = [s.params for s in states]
-        f32 = dict(dtype=torch.float32, device=self.device)
-        temperature = torch.tensor([0.0 if p.greedy else p.temperature for p in params], **f32)
-        top_k = top_p = min_p = None
+        f32 = torch.float32
+        send = {"temperature": torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=f32)}
         if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=self.device)
+            send["top_k"] = torch.tensor([p.top_k for p in params], dtype=torch.int64)
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], **f32)
+            send["top_p"] = torch.tensor([p.top_p for p in params], dtype=f32)
         if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], **f32)
+            send["min_p"] = torch.tensor([p.min_p for p in params], dtype=f32)
+        modes = [LOGPROBS_MODE_IDS[p.logprobs_mode] for p in params]
+        if any(modes):
+            send["logprobs_mode"] = torch.tensor(modes, dtype=torch.int64)
         banned = {}
         for i, (r, s) in enumerate(zip(rows, states)):
             if s.params.min_tokens and s.stop_token_ids:  # cheap test first: a tensor read is not
@@ -298,9 +325,8 @@ class ModelRunner:
                 if num_out < s.params.min_tokens:
                     banned[i] = list(s.stop_token_ids)
         k = [p.logprobs for p in params if p.logprobs is not None]
-        modes = [LOGPROBS_MODE_IDS[p.logprobs_mode] for p in params]
-        return SamplingMetadata(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        md = SamplingMetadata(
+            temperature=send["temperature"], top_k=None, top_p=None, min_p=None,
             # Only a sample that is kept draws from the request's own generator, so a seeded
             # stream does not depend on how its prompt was chunked or recomputed.
             generators={
@@ -310,9 +336,15 @@ class ModelRunner:
             all_greedy=all(p.greedy for p in params),
             max_num_logprobs=max(k) if k else None,
             banned_token_ids=banned,
-            logprobs_mode=torch.tensor(modes, dtype=torch.int64, device=self.device) if any(modes) else None,
             noise_seed=int(torch.randint(2**31 - 1, (1,), generator=self.noise_seeds)),
         )
+        return md, send
+
+    @staticmethod
+    def _fill_sampling_metadata(md: SamplingMetadata, dev: dict[str, torch.Tensor]) -> None:
+        md.temperature = dev["temperature"]
+        for name in ("top_k", "top_p", "min_p", "logprobs_mode"):
+            setattr(md, name, dev.get(name))
 
     def _prompt_logprobs(self, req_ids, rows, num_sched, inputs, hidden, out: dict) -> None:
         """Logprobs of the prompt tokens this step's chunk predicts (prompt_logprobs, and

@@ -48,7 +48,8 @@ _PROGRAMS_PER_SM = 16  # target occupancy of the split pass
 _NUM_WARPS = 8  # with _BLOCK_V = 1024: 4 tokens per thread per step (tuned on H100)
 
 
-@triton.jit
+# A new seed every step must not mean a new compilation (ints are specialised by value).
+@triton.jit(do_not_specialize=["seed"])
 def _sample_tokens_kernel(
     logits_ptr,  # [num_reqs, vocab] bf16/fp16/fp32
     temperature_ptr,  # [num_reqs] fp32; < GREEDY_EPS: greedy row
