@@ -287,6 +287,21 @@ def test_infeasible_requests_never_hang(llama_dir):
     small.engine.kv.pool.check_invariants()
 
 
+def test_full_batches_again_and_again_free_their_rows(llama_dir):
+    """Steps overlap, so the last step of a batch schedules nothing (its last tokens are in
+    flight): the rows of the requests that ended must still reach the runner, or a later
+    full batch finds no free row."""
+    small = _llm(llama_dir, max_num_seqs=4)
+    # Requests ending one step apart: the one that ends first is removed while the others'
+    # last tokens are in flight, right before a step that schedules nothing.
+    sps = [SamplingParams(temperature=1.0, max_tokens=2 + i % 2, ignore_eos=True) for i in range(4)]
+    for rnd in range(4):
+        outs = _within(60, small.generate, [random_prompt(6 + i, seed=100 + 10 * rnd + i) for i in range(4)], sps)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [2, 3, 2, 3]
+        assert len(small.engine.runner.batch.rows) <= 4
+    small.engine.kv.pool.check_invariants()
+
+
 def test_max_model_len_ends_with_length(llama_dir):
     short = _llm(llama_dir, max_model_len=40, num_kv_blocks=16)
     sp = SamplingParams(temperature=1.0, max_tokens=None, ignore_eos=True)

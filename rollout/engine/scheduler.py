@@ -195,6 +195,10 @@ class Scheduler:
                 )
             )
             self._advance(req, num_new, out)
+        if out.is_empty:
+            # Nothing runs, so the runner sees no output: the rows to drop wait for the next.
+            self._removed |= out.removed_req_ids
+            out.removed_req_ids = set()
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> tuple[list[Request], list[Request]]:
