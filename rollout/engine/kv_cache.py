@@ -61,6 +61,8 @@ class KVCacheManager:
         """Make room for ``num_new_tokens`` more tokens after ``req.num_computed_tokens`` plus
         the hit blocks. Returns False, changing nothing, when the pool is short."""
         held = self._req_blocks.get(req.req_id, [])
+        if not computed_blocks and req.num_computed_tokens + num_new_tokens <= len(held) * self.block_size:
+            return True  # the common decode step: its slot is in a block it holds
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         num_required = cdiv(num_computed + num_new_tokens, self.block_size)
         num_new_blocks = num_required - len(held) - len(computed_blocks)

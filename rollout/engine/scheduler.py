@@ -141,8 +141,9 @@ class Scheduler:
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
-            num_new = min(req.num_scheduled_end - req.num_computed_tokens, budget)
-            if req.num_computed_tokens + num_new >= req.num_scheduled_end and not req.may_sample_more:
+            end = req.num_scheduled_end
+            num_new = min(end - req.num_computed_tokens, budget)
+            if req.num_pending_tokens and req.num_computed_tokens + num_new >= end and not req.may_sample_more:
                 idx += 1  # its last token is in flight: nothing left to compute
                 continue
             while not self.kv.allocate_slots(req, num_new):
