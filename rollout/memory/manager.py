@@ -91,10 +91,6 @@ class MemoryManager:
                 self.arenas[tag].release()
             raise
         if "weights" in woken and self._host_valid:
-            # Measured on an H100: a host->device copy into freshly mapped virtual memory ran
-            # at half the pinned bandwidth (Qwen2.5-1.5B: 116 ms vs 58 ms) unless a kernel
-            # touched the memory first; zeroing it costs ~1 ms per 3 GB.
-            self.arenas["weights"].tensor.zero_()
             self.arenas["weights"].tensor.copy_(self._host_weights, non_blocking=False)
         if "kv_cache" in woken:
             # Back to the zeros of start-up, not whatever the memory held: attention reads
