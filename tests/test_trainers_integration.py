@@ -233,10 +233,10 @@ def test_rollout_phase_round_trip(a_dir, sd_a, sd_b, a_out, b_out, caplog):
         assert greedy(llm) == b_out and llm.weight_version == 7
     assert stats["num_tensors"] == 0 and llm.is_sleeping
 
-    # A bad update: the engine sleeps again and still works.
-    with pytest.raises(WeightUpdateError), rollout_phase(llm, [("no.such.weight", torch.zeros(2))]):
+    # A bad update: the engine sleeps again, at the caller's level, and still works.
+    with pytest.raises(WeightUpdateError), rollout_phase(llm, [("no.such.weight", torch.zeros(2))], level=2):
         pass
-    assert llm.is_sleeping
+    assert llm.is_sleeping and llm.memory_usage()["weights"]["host"] == 0  # level 2: no host copy made
     with rollout_phase(llm, sd_a.items()) as stats:  # level 2 discarded them: reload A
         assert greedy(llm) == a_out
     assert llm.is_sleeping and stats["weight_version"] == 8

@@ -50,12 +50,13 @@ def _log_memory(llm, boundary: str) -> int:
 
 def begin_rollout(
     llm, weights: Iterable[tuple[str, torch.Tensor]] | None, version: int | None = None,
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES, level: int = 1,
 ) -> dict[str, Any]:
     """Wake the weights, load ``weights`` (None: keep the ones kept by a level-1 sleep) in
     chunks of ``bucket_bytes``, then wake the KV cache. Returns the stats so far (sync_s,
     wake_s, num_tensors, bytes_synced, weight_version). On an error the engine is put back
-    to sleep (level 1) so the trainer gets its memory, and the error propagates."""
+    to sleep at ``level`` (the caller's sleep level) so the trainer gets its memory, and the
+    error propagates."""
     stats: dict[str, Any] = {"num_tensors": 0, "bytes_synced": 0}
     _log_memory(llm, "rollout: before wake")
     try:
@@ -68,7 +69,7 @@ def begin_rollout(
         llm.wake_up(["kv_cache"])
         t3 = time.perf_counter()
     except BaseException:
-        llm.sleep(1)
+        llm.sleep(level)
         raise
     stats.update(wake_s=(t1 - t0) + (t3 - t2), sync_s=t2 - t1, weight_version=llm.weight_version)
     stats["device_bytes_awake"] = _log_memory(llm, f"rollout: awake, weights v{llm.weight_version}")
@@ -93,7 +94,7 @@ def rollout_phase(
 ) -> Iterator[dict[str, Any]]:
     """``begin_rollout`` on enter, ``end_rollout(level)`` on exit (also when the body
     raises); yields the stats dict, complete once the block has exited."""
-    stats = begin_rollout(llm, weights, version, bucket_bytes)
+    stats = begin_rollout(llm, weights, version, bucket_bytes, level)
     try:
         yield stats
     finally:

@@ -195,7 +195,7 @@ def rollout(llm, model, tok, problems, params, step, args) -> tuple[list, list, 
     are version ``step`` (the policy of this step's samples). Returns the sampled
     (prompt_ids, completion_ids), their rollout logprobs, their scores and the metrics."""
     m: dict = {}
-    cycle = begin_rollout(llm, iter_hf_weights(model), version=step)
+    cycle = begin_rollout(llm, iter_hf_weights(model), version=step, level=args.sleep_level)
     try:
         t0 = time.perf_counter()
         outs = llm.generate(chat_prompts(tok, problems), params)
