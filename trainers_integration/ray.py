@@ -34,32 +34,16 @@ Ray is imported only when a group is built (``pip install 'rollout[ray]'``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
-import socket
-import sys
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from rollout.distributed.data_parallel import dp_bounds
+from trainers_integration.ray_rank import RankActor, import_ray, refuse_tensors
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-INSTALL_HINT = "pip install 'rollout[ray]'"
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError as e:
-        raise ImportError(f"trainers_integration.ray needs Ray: {INSTALL_HINT}") from e
-    return ray
-
 
 # ---- config and errors ----------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -148,38 +132,6 @@ class WorkerTimeoutError(WorkerGroupError):
         super().__init__(f"ranks {ranks} did not finish {method} within {timeout_s:g}s: the group is broken")
 
 
-# ---- plain data only ------------------------------------------------------------------------
-def find_tensor(obj: Any, path: str = "value") -> str | None:
-    """Where a ``torch.Tensor`` sits in ``obj`` (lists, tuples, sets, dicts, dataclasses),
-    as a path like ``"result[2]['lp']"``, or None: what may not cross driver <-> worker."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return path
-    if isinstance(obj, (str, bytes, int, float, bool, type(None))):
-        return None
-    if isinstance(obj, dict):
-        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        items = ((f"{path}.{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    else:
-        return None
-    for sub_path, value in items:
-        found = find_tensor(value, sub_path)
-        if found:
-            return found
-    return None
-
-
-def _refuse_tensors(obj: Any, path: str) -> None:
-    found = find_tensor(obj, path)
-    if found:
-        raise TypeError(f"{found} is a torch.Tensor: only plain data crosses between the driver and the "
-                        "workers (convert with .tolist(); weights move inside each worker)")
-
-
 # ---- data-parallel shares -------------------------------------------------------------------
 def rank_shares(num_items: int, num_ranks: int, tensor_parallel_size: int) -> list[tuple[int, int]]:
     """[start, end) of each rank's share of ``num_items``: consecutive groups of
@@ -192,61 +144,6 @@ def rank_shares(num_items: int, num_ranks: int, tensor_parallel_size: int) -> li
 def one_per_replica(per_rank: Sequence[Any], tensor_parallel_size: int) -> list[Any]:
     """The results of TP rank 0 of each replica (ranks 0, k, 2k, ...), in replica order."""
     return list(per_rank[::tensor_parallel_size])
-
-
-# ---- the actor ------------------------------------------------------------------------------
-class _RankActor:
-    """Hosts one rank in a Ray actor: the torch.distributed world and the user's worker.
-    Every call answers ``(True, result)`` or ``(False, error dict)``, so a worker's
-    exception reaches the driver as plain text, whatever its class."""
-
-    def __init__(self) -> None:
-        self._worker: Any = None
-
-    def node_info(self) -> tuple[str, str]:
-        ray = _import_ray()
-        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
-
-    def free_port(self, host: str) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            return s.getsockname()[1]
-
-    def setup(self, env: dict[str, str], loopback: bool, backend: str, timeout_s: float,
-              factory: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[bool, Any]:
-        return self._guard(self._setup, env, loopback, backend, timeout_s, factory, args, kwargs)
-
-    def call(self, method: str, args: tuple, kwargs: dict) -> tuple[bool, Any]:
-        def run() -> Any:
-            result = getattr(self._worker, method)(*args, **kwargs)
-            _refuse_tensors(result, f"{method}() result")
-            return result
-
-        return self._guard(run)
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        self._worker = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    def _setup(self, env, loopback, backend, timeout_s, factory, args, kwargs) -> None:
-        import torch.distributed as dist
-
-        os.environ.update(env)
-        if loopback and backend == "gloo" and sys.platform == "linux":
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a one-node cluster: loopback only
-        dist.init_process_group(backend, init_method="env://", rank=int(env["RANK"]),
-                                world_size=int(env["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
-        self._worker = factory(*args, **kwargs)
-
-    @staticmethod
-    def _guard(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
-        try:
-            return True, fn(*args)
-        except Exception as e:  # noqa: BLE001 - every error goes back to the driver as text
-            return False, {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
 
 
 # ---- the group ------------------------------------------------------------------------------
@@ -268,7 +165,7 @@ class WorkerGroup:
 
     def __init__(self, config: WorkerGroupConfig, worker_factory: Callable[..., Any],
                  args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> None:
-        self._ray = ray = _import_ray()
+        self._ray = ray = import_ray()
         if not ray.is_initialized():
             raise WorkerGroupError("Ray is not initialised: call ray.init() (or ray.init(address=...)) first")
         self.config = config
@@ -278,7 +175,7 @@ class WorkerGroup:
         self._actors: list[Any] = []
         self._pg = None
         args, kwargs = tuple(args), dict(kwargs or {})
-        _refuse_tensors((args, kwargs), "worker args")
+        refuse_tensors((args, kwargs), "worker args")
         try:
             self._place()
             self._start(args, kwargs)
@@ -304,7 +201,7 @@ class WorkerGroup:
         inside are fine); the results in rank order. Raises ``WorkerError`` /
         ``WorkerDiedError`` / ``WorkerTimeoutError`` naming the rank."""
         self._check_method(method)
-        _refuse_tensors((args, kwargs), f"{method}() arguments")
+        refuse_tensors((args, kwargs), f"{method}() arguments")
         return self._run(method, [(args, kwargs)] * self.world_size)
 
     def split(self, method: str, items: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
@@ -314,7 +211,7 @@ class WorkerGroup:
         each replica). Every rank is called, an empty share included."""
         self._check_method(method)
         items = list(items)
-        _refuse_tensors((items, args, kwargs), f"{method}() arguments")
+        refuse_tensors((items, args, kwargs), f"{method}() arguments")
         shares = rank_shares(len(items), self.world_size, self.config.tensor_parallel_size)
         per_rank = self._run(method, [((items[lo:hi], *args), kwargs) for lo, hi in shares])
         out: list[Any] = []
@@ -371,7 +268,7 @@ class WorkerGroup:
                 f"could not place {cfg.num_workers} bundles of {bundle} ({cfg.placement_strategy}) within "
                 f"{cfg.setup_timeout_s:g}s; the cluster has {ray.cluster_resources()}"
             )
-        actor_cls = ray.remote(_RankActor)
+        actor_cls = ray.remote(RankActor)
         runtime_env = {"env_vars": dict(cfg.env_vars)} if cfg.env_vars else None
         self._actors = [
             actor_cls.options(
