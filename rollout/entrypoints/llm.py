@@ -220,8 +220,10 @@ class LLM:
         """Run one engine step (none while paused) and return the outputs of requests queued
         by ``add_request``: one per request that got tokens in it, shaped by its
         ``SamplingParams.output_kind`` (default CUMULATIVE: everything generated so far),
-        the last one with ``finished=True``. Outputs made while another call drove the
-        engine (``generate``, the async loop) come with the next ``step()``."""
+        the last one with ``finished=True``. Steps overlap: a call launches the next step
+        and returns what the previous one produced (so the first call returns []). Outputs
+        made while another call drove the engine (``generate``, the async loop) come with
+        the next ``step()``."""
         if not self._frontend.paused and self.engine.has_unfinished_requests():
             self._require_awake("step")
             self._frontend.step()
