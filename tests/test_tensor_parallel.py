@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from rollout import LLM, SamplingParams
 from rollout.errors import InvalidRequestError, UnsupportedModelError
 from tests.helpers.models import build_model_dir
-from tests.helpers.two_ranks import run_two_ranks
+from tests.helpers.two_ranks import rank_job, run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120  # the whole job; a stuck collective fails the test instead of hanging it
@@ -63,11 +62,7 @@ def _vocab_parallel_check() -> bool:
 
 
 def _rank_main(rank: int, port: int, job_dir: str) -> None:
-    job = json.loads((Path(job_dir) / "job.json").read_text())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    res: dict = {}
-    try:
+    with rank_job(rank, port, job_dir) as (job, res):
         res["errors"] = {
             "tp3": _error_name(lambda: LLM(job["llama"], tensor_parallel_size=3, **ENGINE_ARGS)),
             "heads": _error_name(lambda: LLM(job["bad_heads"], tensor_parallel_size=2, **ENGINE_ARGS)),
@@ -96,9 +91,6 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
                 llm.update_weights(load_file(Path(job["llama_new"]) / "model.safetensors"))
                 r["after_update"] = _tokens(llm.generate(PROMPTS, GREEDY))
             del llm
-    finally:
-        (Path(job_dir) / f"rank{rank}.json").write_text(json.dumps(res))
-        dist.destroy_process_group()
 
 
 # ---- the pytest side ------------------------------------------------------------------------
@@ -118,9 +110,7 @@ def tp_results(tmp_path_factory, model_dirs, llama_new_dir):
     (bad_heads / "config.json").write_text(json.dumps({**config, **bad}))
     job = {name: str(model_dirs[name]) for name in MODELS}
     job.update(llama_new=str(llama_new_dir), bad_heads=str(bad_heads))
-    (job_dir / "job.json").write_text(json.dumps(job))
-    run_two_ranks(__file__, str(job_dir), timeout=TIMEOUT_S)
-    return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_job(__file__, job, job_dir, timeout=TIMEOUT_S)
 
 
 def _reference(path, params=GREEDY) -> list[list[int]]:

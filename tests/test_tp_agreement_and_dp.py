@@ -7,20 +7,16 @@ compares with one-process references.
 
 from __future__ import annotations
 
-import json
 import sys
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
-
-from tests.helpers.two_ranks import run_two_ranks
 import torch.distributed as dist
 
 from rollout import LLM
 from rollout.distributed import dp_rank_and_size, gather_from_dp, split_for_dp
 from rollout.distributed.data_parallel import dp_bounds
 from rollout.errors import ParallelMismatchError
+from tests.helpers.two_ranks import rank_job, run_job
 from tests.test_tensor_parallel import (
     ENGINE_ARGS,
     GREEDY,
@@ -43,11 +39,7 @@ def _mismatch(fn) -> str:
 
 
 def _rank_main(rank: int, port: int, job_dir: str) -> None:
-    job = json.loads((Path(job_dir) / "job.json").read_text())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    res: dict = {}
-    try:
+    with rank_job(rank, port, job_dir) as (job, res):
         # TP=2 with the debug check on.
         llm = LLM(job["llama"], tensor_parallel_size=2, debug_tp_agreement=True, **ENGINE_ARGS)
         res["same"] = _tokens(llm.generate(PROMPTS, GREEDY))
@@ -68,17 +60,12 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
             "greedy": gather_from_dp(_tokens(llm.generate(share, GREEDY)), llm.parallel),
             "seeded": gather_from_dp(_tokens(llm.generate(share, SEEDED)), llm.parallel),
         }
-    finally:
-        (Path(job_dir) / f"rank{rank}.json").write_text(json.dumps(res))
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, model_dirs):
     job_dir = tmp_path_factory.mktemp("agree_job")
-    (job_dir / "job.json").write_text(json.dumps({"llama": str(model_dirs["llama"])}))
-    run_two_ranks(__file__, str(job_dir), timeout=TIMEOUT_S)
-    return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_job(__file__, {"llama": str(model_dirs["llama"])}, job_dir, timeout=TIMEOUT_S)
 
 
 def test_same_prompts_pass_the_check(results, llama_dir):

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from rollout import LLM, SamplingParams
@@ -28,7 +26,7 @@ from rollout.models.llama import LlamaForCausalLM, split_heads
 from tests.helpers.engine_state import model_dir_with
 from tests.helpers.hf_oracle import HFOracle
 from tests.helpers.models import build_model_dir
-from tests.helpers.two_ranks import run_two_ranks
+from tests.helpers.two_ranks import rank_job, run_job
 
 TIMEOUT_S = 120  # the whole job; a stuck collective fails the test instead of hanging it
 # name -> (helper variant, q heads): one kv head each; qwen2 has q/k/v biases, tied embeddings.
@@ -63,11 +61,7 @@ def _mqa_dir(src: Path, dst: Path, num_heads: int) -> Path:
 
 # ---- one rank of the two-process job --------------------------------------------------------
 def _rank_main(rank: int, port: int, job_dir: str) -> None:
-    job = json.loads((Path(job_dir) / "job.json").read_text())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    res: dict = {}
-    try:
+    with rank_job(rank, port, job_dir) as (job, res):
         for name in MODELS:
             llm = LLM(job[name], tensor_parallel_size=2, **ENGINE_ARGS)
             res[name] = {"greedy": _tokens(llm.generate(PROMPTS, GREEDY)),
@@ -76,9 +70,6 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
                 llm.update_weights(load_file(Path(job["llama_mqa_new"]) / "model.safetensors"))
                 res[name]["after_update"] = _tokens(llm.generate(PROMPTS, GREEDY))
             del llm
-    finally:
-        (Path(job_dir) / f"rank{rank}.json").write_text(json.dumps(res))
-        dist.destroy_process_group()
 
 
 # ---- the pytest side ------------------------------------------------------------------------
@@ -95,9 +86,7 @@ def mqa_dirs(tmp_path_factory, model_dirs, tokenizer_dir):
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory, mqa_dirs):
     job_dir = tmp_path_factory.mktemp("tp_kv_job")
-    (job_dir / "job.json").write_text(json.dumps({name: str(path) for name, path in mqa_dirs.items()}))
-    run_two_ranks(__file__, str(job_dir), timeout=TIMEOUT_S)
-    return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_job(__file__, {name: str(path) for name, path in mqa_dirs.items()}, job_dir, timeout=TIMEOUT_S)
 
 
 def _reference(path) -> list[list[int]]:

@@ -13,14 +13,13 @@ import json
 import logging
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
-from tests.helpers.two_ranks import run_two_ranks
 import torch
 import transformers
+
+from tests.helpers.two_ranks import rank_job, run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # as a script
@@ -92,28 +91,18 @@ def _zero3_case(job: dict) -> dict:
 
 
 def _rank_main(rank: int, port: int, job_dir: str) -> None:
-    import torch.distributed as dist
-
-    job = json.loads((Path(job_dir) / "job.json").read_text())
+    # FSDP2 and DeepSpeed read the world from the environment as well.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    res: dict = {}
-    try:
+    with rank_job(rank, port, job_dir) as (job, res):
         res["fsdp2"] = _fsdp2_case(job)
         res["zero3"] = _zero3_case(job)
-    finally:
-        (Path(job_dir) / f"rank{rank}.json").write_text(json.dumps(res))
-        dist.destroy_process_group()
 
 
 # ---- the pytest side ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory, a_dir, b_dir):
     job_dir = tmp_path_factory.mktemp("trainers_job")
-    (job_dir / "job.json").write_text(json.dumps({"a_dir": str(a_dir), "b_dir": str(b_dir)}))
-    run_two_ranks(__file__, str(job_dir), timeout=TIMEOUT_S)
-    return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_job(__file__, {"a_dir": str(a_dir), "b_dir": str(b_dir)}, job_dir, timeout=TIMEOUT_S)
 
 
 def _as_json(out):

@@ -1,11 +1,20 @@
-"""Run a test script as two real processes of a gloo world on loopback."""
+"""Run a test script as two real processes of a gloo world on loopback.
+
+A two-rank job: the pytest side calls ``run_job(__file__, job, job_dir)``; the script's
+``__main__`` runs each rank's cases inside ``with rank_job(rank, port, job_dir) as (job, res):``
+and fills ``res``, which ``run_job`` returns per rank (JSON through ``job_dir``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,3 +48,29 @@ def run_two_ranks(script: str | Path, *args: str, timeout: float) -> None:
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+
+
+def run_job(script: str | Path, job: dict, job_dir: Path, *, timeout: float) -> list[dict]:
+    """Write ``job`` to ``job_dir/job.json``, run ``script`` as ranks 0 and 1 (see
+    ``run_two_ranks``) and return the results each rank wrote, in rank order."""
+    (job_dir / "job.json").write_text(json.dumps(job))
+    run_two_ranks(script, str(job_dir), timeout=timeout)
+    return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@contextlib.contextmanager
+def rank_job(rank: int, port: int, job_dir: str) -> Iterator[tuple[dict, dict]]:
+    """One rank of a ``run_job`` job: joins the gloo world of two on loopback and yields
+    (the job, this rank's results dict); the results are written for the pytest side (also
+    when the body raises, so the other cases' results survive) and the world is torn down."""
+    import torch.distributed as dist
+
+    job = json.loads((Path(job_dir) / "job.json").read_text())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    res: dict = {}
+    try:
+        yield job, res
+    finally:
+        (Path(job_dir) / f"rank{rank}.json").write_text(json.dumps(res))
+        dist.destroy_process_group()
