@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from tests.helpers.grpo_metrics import check_two_steps, metrics_lines
 from tests.helpers.ray_cluster import ROOT, ray_env
+from tests.helpers.rl_examples import check_two_steps, metrics_lines
 
 
 @pytest.mark.slow
