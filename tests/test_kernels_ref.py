@@ -23,6 +23,7 @@ from rollout.kernels.attention import paged_attention_ref, write_kv_ref
 from rollout.kernels.layernorm import rms_norm_ref
 from rollout.kernels.rotary import rotary_ref
 from rollout.models.layers.rotary import RotaryEmbedding, rope_parameters
+from tests.helpers.attention_steps import block_boundary_specs
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -44,17 +45,7 @@ HEAD_DIM = 16
 
 def _step_specs(block_size: int) -> list[tuple[int, int]]:
     """(num_context_tokens already cached, q_len this step) for one mixed step."""
-    bs = block_size
-    return [
-        (0, bs + 3),  # fresh prefill crossing a block boundary
-        (0, bs),  # fresh prefill of exactly one block
-        (2 * bs, bs + 2),  # chunk after a prefix hit on two full blocks
-        (bs + 1, 3),  # chunked-prefill continuation starting mid-block
-        (bs - 2, 1),  # decode, seq_len == block_size - 1
-        (bs - 1, 1),  # decode, seq_len == block_size
-        (bs, 1),  # decode, seq_len == block_size + 1
-        (3 * bs + 4, 1),  # decode on a longer sequence
-    ]
+    return [*block_boundary_specs(block_size), (3 * block_size + 4, 1)]  # + a decode on a longer sequence
 
 
 def _dense_attention(q, k, v, scale):

@@ -24,6 +24,7 @@ from rollout.forward_context import AttentionMetadata  # noqa: E402
 from rollout.kernels import triton_attention  # noqa: E402
 from rollout.kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
 from rollout.kernels.triton_attention import choose_num_splits, paged_attention, write_kv  # noqa: E402
+from tests.helpers.attention_steps import block_boundary_specs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not os.environ.get("TRITON_INTERPRET"):
@@ -36,15 +37,8 @@ def _gen(seed: int) -> torch.Generator:
 
 def _mixed_specs(block_size: int) -> list[tuple[int, int]]:
     """(num_context_tokens already cached, q_len this step) for one mixed step."""
-    bs = block_size
     return [
-        (0, bs + 3),  # fresh prefill crossing a block boundary
-        (0, bs),  # fresh prefill of exactly one block
-        (2 * bs, bs + 2),  # chunk after a prefix hit on two full blocks
-        (bs + 1, 3),  # chunked-prefill continuation starting mid-block
-        (bs - 2, 1),  # decode, seq_len == block_size - 1
-        (bs - 1, 1),  # decode, seq_len == block_size
-        (bs, 1),  # decode, seq_len == block_size + 1
+        *block_boundary_specs(block_size),
         (150, 1),  # decode over three KV tiles of 64
         (37, 70),  # prefill of several query tiles after a prefix hit
         (0, 1),  # a one-token prompt
