@@ -40,7 +40,6 @@ class StepHandle:
     """A launched step: what ``ModelRunner.finish`` needs to read it back."""
 
     req_ids: list[str]
-    rows: list[int]
     # Host copies (in flight until ``done``) of: sampled ids, their logprobs, ranks, top-k
     # ids and logprobs (the last four None unless a row asked for logprobs).
     host: list[torch.Tensor | None]
@@ -201,7 +200,7 @@ class ModelRunner:
             out.topk_token_ids if want_lp else None, out.topk_logprobs if want_lp else None,
         )]
         return StepHandle(
-            req_ids, row_list, host, self.platform.record_step_done(self.device), want_lp,
+            req_ids, host, self.platform.record_step_done(self.device), want_lp,
             [b.states[r].params.logprobs for r in row_list] if want_lp else [], prompt_lp,
             done_idx, done_rows, done_pos, b.row_gen_cpu[done_rows].clone(),
         )
@@ -229,10 +228,6 @@ class ModelRunner:
                 keep = [j for j, v in enumerate(vals) if v != float("-inf")]
                 logprobs[i] = TokenLogprobs(lp[i], ranks[i], [ids[j] for j in keep], [vals[j] for j in keep])
         return ModelRunnerOutput(handle.req_ids, sampled, logprobs, handle.prompt_logprobs)
-
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """``launch`` then ``finish``: one step, synchronously."""
-        return self.finish(self.launch(sched))
 
     def _use_graphs(self, rows: torch.Tensor, md: AttentionMetadata) -> bool:
         """Replay a graph for steps of single-token requests none of which needs the hidden

@@ -26,8 +26,6 @@ def _aligned(n: int) -> int:
 class Staging:
     def __init__(self, nbytes: int, device: torch.device, pin: bool) -> None:
         self.nbytes = _aligned(nbytes)
-        self.device = device
-        self.copies = pin
         self.host = [torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2 if pin else 1)]
         self.dev = torch.empty(self.nbytes, dtype=torch.uint8, device=device) if pin else None
         self._turn = 0
