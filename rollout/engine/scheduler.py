@@ -143,7 +143,7 @@ class Scheduler:
             req = self.running[idx]
             end = req.num_scheduled_end
             num_new = min(end - req.num_computed_tokens, budget)
-            if req.num_pending_tokens and req.num_computed_tokens + num_new >= end and not req.may_sample_more:
+            if req.num_computed_tokens + num_new >= end and not req.may_sample_more:
                 idx += 1  # its last token is in flight: nothing left to compute
                 continue
             while not self.kv.allocate_slots(req, num_new):
