@@ -23,12 +23,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root: examples.*
 
-from examples.grpo.grpo_worker import (
-    GRPOWorker,
-    MetricsLog,
-    add_grpo_args,
-    merge_metrics,
-)
+from examples.common.metrics import merge_metrics
+from examples.grpo.grpo_worker import GRPOWorker, MetricsLog, add_grpo_args
 from rollout.distributed import gather_from_dp
 
 

