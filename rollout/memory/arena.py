@@ -34,7 +34,14 @@ class Arena(ABC):
     def is_mapped(self) -> bool: ...
 
     @abstractmethod
-    def release(self) -> None: ...
+    def release(self, *, synchronized: bool = False) -> None:
+        """``synchronized=True``: the caller made sure no queued work still uses the memory
+        (``synchronize()``), so the arena need not wait for the device itself."""
+
+    def synchronize(self) -> None:
+        """Wait until the device's queued work is done (no-op off GPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @abstractmethod
     def restore(self) -> None: ...
@@ -63,7 +70,8 @@ class StorageArena(Arena):
     def is_mapped(self) -> bool:
         return self._mapped
 
-    def release(self) -> None:
+    def release(self, *, synchronized: bool = False) -> None:
+        # The caching allocator orders the storage's reuse after the work queued on it.
         if self._mapped:
             self.tensor.untyped_storage().resize_(0)
             self._mapped = False

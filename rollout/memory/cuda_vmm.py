@@ -103,11 +103,12 @@ class CudaVMMArena(Arena):
             raise
         self._handle = handle
 
-    def release(self) -> None:
+    def release(self, *, synchronized: bool = False) -> None:
         if self._handle is None:
             return
         drv = _driver()
-        torch.cuda.synchronize(self.device)  # no kernel may still be using the memory
+        if not synchronized:
+            self.synchronize()  # no kernel or copy may still be using the memory
         _check(drv.cuMemUnmap(self._ptr, self.nbytes), "cuMemUnmap")
         _check(drv.cuMemRelease(self._handle), "cuMemRelease")
         self._handle = None

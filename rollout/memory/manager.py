@@ -2,9 +2,14 @@
 
 - ``sleep(1)``: weights copied to a host buffer (pinned on GPU), both arenas released.
 - ``sleep(2)``: both released, nothing kept; weights come back by update or reload.
-- ``wake_up(tags)``: re-back the named arenas (same addresses on CUDA), restore weights
-  after a level-1 sleep, zero the KV cache. A wake that runs out of memory re-releases
-  whatever it mapped.
+- ``wake_up(tags)``: re-back the named arenas (same addresses on CUDA) and restore weights
+  after a level-1 sleep. A wake that runs out of memory re-releases whatever it mapped.
+  The KV cache comes back undefined, not zeroed: every attention backend reads only the
+  slots below each sequence's length (``test_attention_ignores_unwritten_kv_slots``).
+
+Host<->device weight copies run asynchronously (pinned memory) while the other arena is
+unmapped or mapped: on a GPU those are host-side driver calls that take tens of ms for a
+large KV cache, and the copy engine needs no help meanwhile.
 """
 
 from __future__ import annotations
@@ -63,39 +68,41 @@ class MemoryManager:
         weights = self.arenas["weights"]
         # Copy whatever the arena holds: weights written since a sleep(2) must survive, and
         # the ones not written yet stay undefined (the WeightUpdater tracks which those are).
-        if level == 1 and weights.is_mapped:
+        copying = level == 1 and weights.is_mapped
+        if copying:
             if self._host_weights is None:
                 self._host_weights = torch.empty(weights.nbytes, dtype=torch.uint8, pin_memory=self.pin_host)
-            self._host_weights.copy_(weights.tensor, non_blocking=False)
+            kv = self.arenas["kv_cache"]
+            kv.synchronize()  # work queued before the copy may still read the KV cache
+            self._host_weights.copy_(weights.tensor, non_blocking=self.pin_host)
+            kv.release(synchronized=True)  # only the copy is in flight: it reads weights
             self._host_valid = True
         elif level == 2:
             self._host_weights, self._host_valid = None, False
         for arena in self.arenas.values():
-            arena.release()
+            arena.release()  # waits for the copy before the weights go
 
     def wake_up(self, tags: Iterable[str] | None = None) -> list[str]:
         """Re-back the arenas named by ``tags`` (all when None); returns the tags woken."""
-        tags = list(TAGS) if tags is None else list(tags)
-        unknown = [t for t in tags if t not in TAGS]
-        if unknown or not tags:
+        asked = list(TAGS) if tags is None else list(tags)
+        unknown = [t for t in asked if t not in TAGS]
+        if unknown or not asked:
             raise InvalidRequestError("tags", tags, f"None or a non-empty list of {list(TAGS)}")
         woken = []
         try:
-            for tag in tags:
+            for tag in (t for t in TAGS if t in asked):  # weights first: their copy overlaps the KV map
                 arena = self.arenas[tag]
                 if not arena.is_mapped:
                     arena.restore()
                     woken.append(tag)
+                    if tag == "weights" and self._host_valid:
+                        arena.tensor.copy_(self._host_weights, non_blocking=self.pin_host)
         except BaseException:
-            for tag in woken:  # all or nothing
+            for tag in woken:  # all or nothing (release waits for a copy in flight)
                 self.arenas[tag].release()
             raise
         if "weights" in woken and self._host_valid:
-            self.arenas["weights"].tensor.copy_(self._host_weights, non_blocking=False)
-        if "kv_cache" in woken:
-            # Back to the zeros of start-up, not whatever the memory held: attention reads
-            # padding slots of gathered blocks with weight 0, and 0 * NaN is NaN.
-            self.arenas["kv_cache"].tensor.zero_()
+            self.arenas["weights"].synchronize()  # the copy is done when wake_up returns
         return woken
 
     def memory_usage(self) -> dict[str, dict[str, int]]:
