@@ -23,7 +23,7 @@ from rollout.attention_backends import get_attention_backend  # noqa: E402
 from rollout.forward_context import AttentionMetadata  # noqa: E402
 from rollout.kernels import triton_attention  # noqa: E402
 from rollout.kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
-from rollout.kernels.triton_attention import choose_num_splits, paged_attention, write_kv  # noqa: E402
+from rollout.kernels.triton_attention import Tiling, choose_num_splits, paged_attention, write_kv  # noqa: E402
 from tests.helpers.attention_steps import block_boundary_specs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +87,7 @@ def _build_step(specs, block_size, num_heads, num_kv_heads, head_dim, dtype, see
     )
 
 
-def _run_both(step, num_splits, block_m=None):
+def _run_both(step, num_splits, block_m=None, tiling=None):
     """(triton output, reference output); the cache is filled with write_kv_ref first."""
     kv_cache = step["kv_cache"]
     write_kv_ref(step["new_k"], step["new_v"], kv_cache, step["slot_mapping"])
@@ -100,7 +100,7 @@ def _run_both(step, num_splits, block_m=None):
     out = paged_attention(
         dev["query"], kv_cache.to(DEVICE), dev["block_tables"], dev["query_start_loc"], dev["seq_lens"], scale,
         max_query_len=max(q_lens), max_seq_len=int(step["seq_lens"].max()), num_splits=num_splits,
-        block_m=block_m,
+        block_m=block_m, tiling=tiling,
     )
     return out.cpu(), expected
 
@@ -177,11 +177,25 @@ def test_padding_rows_are_not_written():
         torch.testing.assert_close(out[:4], expected[:4], **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("tiling", [
+    Tiling(block_m=32, block_n=32, num_warps=2, num_stages=3),
+    Tiling(block_m=128, block_n=16, num_warps=8, num_stages=1),
+], ids=["m32n32", "m128n16"])
+def test_tiling_override_matches_reference(tiling):
+    """The launch shapes the tuning script sweeps compute the same attention."""
+    step = _build_step(_mixed_specs(16), 16, 8, 2, 32, torch.float32, seed=3)
+    for num_splits in (1, 2):
+        out, expected = _run_both(step, num_splits, tiling=tiling)
+        torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
 def test_choose_num_splits_policy():
-    # Enough programs to fill the SMs: no split.
+    # Four programs per SM or more: no split.
     assert choose_num_splits(num_programs=640, max_seq_len=32768, num_sms=132, block_n=64) == 1
-    # Few programs, long context: split toward two programs per SM, capped.
-    assert choose_num_splits(num_programs=40, max_seq_len=32768, num_sms=132, block_n=64) == 7
+    # One program per SM is too few (a decode of 64 requests x 2 KV heads): split to ~four.
+    assert choose_num_splits(num_programs=128, max_seq_len=2400, num_sms=132, block_n=64) == 5
+    # Few programs, long context: split toward four programs per SM, capped.
+    assert choose_num_splits(num_programs=40, max_seq_len=32768, num_sms=132, block_n=64) == 14
     assert choose_num_splits(num_programs=1, max_seq_len=1 << 20, num_sms=132, block_n=64) == 32
     # Short contexts: every split keeps at least four KV tiles.
     assert choose_num_splits(num_programs=8, max_seq_len=600, num_sms=132, block_n=64) == 2

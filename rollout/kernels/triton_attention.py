@@ -31,6 +31,8 @@ it). ``num_splits=None`` picks the split count from the batch and is not invaria
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +40,7 @@ import triton.language as tl
 _DECODE_BLOCK_M = 16  # rows of a decode-only step: the smallest tensor-core tile
 _MIXED_BLOCK_M = 64  # rows of a step with prefill chunks
 _MAX_SPLITS = 32
+_PROGRAMS_PER_SM = 4  # split-KV aims at this many programs per SM
 _MIN_TILES_PER_SPLIT = 4  # a split gets at least this many KV tiles of max_seq_len
 _NUM_SMS_OFF_GPU = 132  # the interpreter has no SMs; assume an H100 so the policy is the same
 
@@ -226,22 +229,35 @@ def _combine_splits_kernel(
     )
 
 
-def _tile_config(group: int, head_dim: int, block_m: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_Q, BLOCK_N): rows per program (at least one token's group of heads),
-    query tokens per program, keys per KV tile."""
-    block_m = max(block_m, triton.next_power_of_2(group))
-    block_n = 64 if head_dim <= 128 else 32
-    return block_m, block_m // group, block_n
+@dataclass(frozen=True)
+class Tiling:
+    """Launch shape of the attention kernel: ``block_m`` rows (query tokens x heads of a
+    group) per program, ``block_n`` keys per KV tile, warps and pipeline stages. ``None``
+    fields take the defaults of ``default_tiling``; benchmarks/tune_attention.py sweeps them."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+def default_tiling(decode_only: bool, head_dim: int) -> Tiling:
+    if decode_only:
+        return Tiling(block_m=_DECODE_BLOCK_M, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    return Tiling(block_m=_MIXED_BLOCK_M, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
 def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
-    """Split-KV policy for ``num_splits=None``: split only when the unsplit grid leaves SMs
-    idle, aim for about two programs per SM, and give every split at least
+    """Split-KV policy for ``num_splits=None``. ``num_programs``: (query tile, KV head)
+    pairs with work. Split while the grid has fewer than ``_PROGRAMS_PER_SM`` programs per
+    SM (one program per SM leaves a KV stream too few loads in flight to reach the memory
+    bandwidth), aiming at about that many, and give every split at least
     ``_MIN_TILES_PER_SPLIT`` KV tiles of the longest sequence."""
-    if num_programs >= num_sms:
+    target = _PROGRAMS_PER_SM * num_sms
+    if num_programs >= target:
         return 1
     useful = max_seq_len // (_MIN_TILES_PER_SPLIT * block_n)
-    wanted = triton.cdiv(2 * num_sms, num_programs)
+    wanted = triton.cdiv(target, num_programs)
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
@@ -263,6 +279,7 @@ def paged_attention(
     max_seq_len: int,
     num_splits: int | None = None,
     block_m: int | None = None,
+    tiling: Tiling | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], query's dtype
     """Causal paged attention of a mixed step; see the module docstring for the design.
 
@@ -273,6 +290,7 @@ def paged_attention(
     None: 16 for a decode-only step, 64 otherwise.
     Fixed ``num_splits`` and ``block_m`` give each request a result independent of the
     rest of the batch. Rows past ``query_start_loc[-1]`` (padding tokens) are not written.
+    ``tiling``: overrides the launch shape (tuning); ``block_m`` wins over its block_m.
     """
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -292,12 +310,17 @@ def paged_attention(
         return out
 
     group = num_heads // num_kv_heads
-    if block_m is None:
-        block_m = _DECODE_BLOCK_M if max_query_len <= 1 else _MIXED_BLOCK_M
-    block_m, block_q, block_n = _tile_config(group, head_dim, block_m)
+    base = default_tiling(max_query_len <= 1, head_dim)
+    tiling = tiling or Tiling()
+    block_m = block_m or tiling.block_m or base.block_m
+    block_n = tiling.block_n or base.block_n
+    # At least one token's group of heads per program.
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_q = block_m // group
     num_q_tiles = num_tokens // block_q + num_reqs  # upper bound, see the module docstring
     if num_splits is None:
-        num_splits = choose_num_splits(num_q_tiles * num_kv_heads, max_seq_len, _num_sms(query.device), block_n)
+        working = min(num_q_tiles, num_reqs * triton.cdiv(max(max_query_len, 1), block_q))
+        num_splits = choose_num_splits(working * num_kv_heads, max_seq_len, _num_sms(query.device), block_n)
     split = num_splits > 1
     if split:
         part_max = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
@@ -322,7 +345,7 @@ def paged_attention(
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=query.dtype == torch.bfloat16 and query.device.type == "cpu",
-        num_warps=4, num_stages=2,
+        num_warps=tiling.num_warps or base.num_warps, num_stages=tiling.num_stages or base.num_stages,
     )
     if split:
         block_h = triton.next_power_of_2(num_heads)
