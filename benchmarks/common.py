@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import gc
 import importlib.metadata
+import os
 import platform
 import tempfile
 import time
@@ -132,6 +133,34 @@ class ForwardTimer:
             h.remove()
 
 
+class GcWatch:
+    """Counts Python garbage collections and their pauses while open (``gc.callbacks``):
+    a timed loop's slow outliers are either collections or something else."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.pauses_ms: list[float] = []
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.counts[info["generation"]] += 1
+            self.pauses_ms.append((time.perf_counter() - self._t0) * 1e3)
+
+    def __enter__(self) -> GcWatch:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"collections_by_generation": self.counts, "pause_ms_total": sum(self.pauses_ms),
+                "pause_ms_max": max(self.pauses_ms, default=0.0)}
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
@@ -162,7 +191,11 @@ def env_info(device: torch.device) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, read from .git without running git; None outside a checkout."""
+    """The checkout's commit, read from .git without running git; None outside a checkout.
+    ``ROLLOUT_GIT_COMMIT`` wins: a copied working tree (the GPU machine) may carry a .git
+    older than its files."""
+    if os.environ.get("ROLLOUT_GIT_COMMIT"):
+        return os.environ["ROLLOUT_GIT_COMMIT"]
     git = ROOT / ".git"
     try:
         if git.is_file():  # a worktree: "gitdir: <path>"

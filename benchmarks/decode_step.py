@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from benchmarks import roofline
-from benchmarks.common import ForwardTimer, Options, build_llm, dispose, median, now, scaled
+from benchmarks.common import ForwardTimer, GcWatch, Options, build_llm, dispose, median, now, scaled
 from benchmarks.configs import hf_config
 from rollout import SamplingParams
 
@@ -74,12 +74,13 @@ def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roo
     # Steps overlap (the host prepares step N+1 while step N runs), so the device is
     # synchronized only around the whole loop; per-call host times are kept for reference.
     walls = []
-    t_start = now(device)
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        llm.step()
-        walls.append((time.perf_counter() - t0) * 1e3)
-    loop_ms = (now(device) - t_start) * 1e3
+    with GcWatch() as gc_watch:
+        t_start = now(device)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            llm.step()
+            walls.append((time.perf_counter() - t0) * 1e3)
+        loop_ms = (now(device) - t_start) * 1e3
     spans = timer.spans_ms()
     timer.close()
     steady = sum(r.num_output_tokens for r in reqs) - tokens_before == batch * steps and all(
@@ -102,4 +103,5 @@ def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roo
         "roofline_fraction": cost.seconds(hw) * 1e3 / step_ms,
         "steady": steady,
         "call_ms_all": walls,
+        "gc": gc_watch.to_json(),
     }
