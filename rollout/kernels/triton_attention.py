@@ -261,6 +261,38 @@ def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int, block_n
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    block_m: int
+    block_q: int  # query tokens per program
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_q_tiles: int  # grid axis 0 (an upper bound, see the module docstring)
+    num_splits: int
+
+
+def plan_launch(
+    num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, num_reqs: int, *, max_query_len: int,
+    max_seq_len: int, device: torch.device, num_splits: int | None = None, block_m: int | None = None,
+    tiling: Tiling | None = None,
+) -> LaunchPlan:
+    """The launch ``paged_attention`` makes for a step of this shape."""
+    group = num_heads // num_kv_heads
+    base = default_tiling(max_query_len <= 1, head_dim)
+    tiling = tiling or Tiling()
+    # At least one token's group of heads per program.
+    block_m = max(block_m or tiling.block_m or base.block_m, triton.next_power_of_2(group))
+    block_n = tiling.block_n or base.block_n
+    block_q = block_m // group
+    num_q_tiles = num_tokens // block_q + num_reqs
+    if num_splits is None:
+        working = min(num_q_tiles, num_reqs * triton.cdiv(max(max_query_len, 1), block_q))
+        num_splits = choose_num_splits(working * num_kv_heads, max_seq_len, _num_sms(device), block_n)
+    return LaunchPlan(block_m, block_q, block_n, tiling.num_warps or base.num_warps,
+                      tiling.num_stages or base.num_stages, num_q_tiles, num_splits)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -309,18 +341,11 @@ def paged_attention(
     if num_tokens == 0 or num_reqs == 0:
         return out
 
-    group = num_heads // num_kv_heads
-    base = default_tiling(max_query_len <= 1, head_dim)
-    tiling = tiling or Tiling()
-    block_m = block_m or tiling.block_m or base.block_m
-    block_n = tiling.block_n or base.block_n
-    # At least one token's group of heads per program.
-    block_m = max(block_m, triton.next_power_of_2(group))
-    block_q = block_m // group
-    num_q_tiles = num_tokens // block_q + num_reqs  # upper bound, see the module docstring
-    if num_splits is None:
-        working = min(num_q_tiles, num_reqs * triton.cdiv(max(max_query_len, 1), block_q))
-        num_splits = choose_num_splits(working * num_kv_heads, max_seq_len, _num_sms(query.device), block_n)
+    plan = plan_launch(num_tokens, num_heads, num_kv_heads, head_dim, num_reqs, max_query_len=max_query_len,
+                       max_seq_len=max_seq_len, device=query.device, num_splits=num_splits, block_m=block_m,
+                       tiling=tiling)
+    num_splits, block_m, block_q, block_n = plan.num_splits, plan.block_m, plan.block_q, plan.block_n
+    num_q_tiles, group = plan.num_q_tiles, num_heads // num_kv_heads
     split = num_splits > 1
     if split:
         part_max = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
@@ -345,7 +370,7 @@ def paged_attention(
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=query.dtype == torch.bfloat16 and query.device.type == "cpu",
-        num_warps=tiling.num_warps or base.num_warps, num_stages=tiling.num_stages or base.num_stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if split:
         block_h = triton.next_power_of_2(num_heads)
