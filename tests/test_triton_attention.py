@@ -190,12 +190,14 @@ def test_tiling_override_matches_reference(tiling):
 
 
 def test_choose_num_splits_policy():
-    # Four programs per SM or more: no split.
+    # Two programs per SM or more: no split.
     assert choose_num_splits(num_programs=640, max_seq_len=32768, num_sms=132, block_n=64) == 1
-    # One program per SM is too few (a decode of 64 requests x 2 KV heads): split to ~four.
-    assert choose_num_splits(num_programs=128, max_seq_len=2400, num_sms=132, block_n=64) == 5
+    assert choose_num_splits(num_programs=264, max_seq_len=32768, num_sms=132, block_n=64) == 1
+    # One program per SM is too few (a decode of 64 requests x 2 KV heads): about four.
+    assert choose_num_splits(num_programs=128, max_seq_len=2400, num_sms=132, block_n=64) == 4
+    assert choose_num_splits(num_programs=200, max_seq_len=2400, num_sms=132, block_n=64) == 2
     # Few programs, long context: split toward four programs per SM, capped.
-    assert choose_num_splits(num_programs=40, max_seq_len=32768, num_sms=132, block_n=64) == 14
+    assert choose_num_splits(num_programs=40, max_seq_len=32768, num_sms=132, block_n=64) == 13
     assert choose_num_splits(num_programs=1, max_seq_len=1 << 20, num_sms=132, block_n=64) == 32
     # Short contexts: every split keeps at least four KV tiles.
     assert choose_num_splits(num_programs=8, max_seq_len=600, num_sms=132, block_n=64) == 2

@@ -40,7 +40,8 @@ import triton.language as tl
 _DECODE_BLOCK_M = 16  # rows of a decode-only step: the smallest tensor-core tile
 _MIXED_BLOCK_M = 64  # rows of a step with prefill chunks
 _MAX_SPLITS = 32
-_PROGRAMS_PER_SM = 4  # split-KV aims at this many programs per SM
+_SPLIT_BELOW_PER_SM = 2  # split-KV only below this many programs per SM ...
+_PROGRAMS_PER_SM = 4  # ... and then aims at about this many
 _MIN_TILES_PER_SPLIT = 4  # a split gets at least this many KV tiles of max_seq_len
 _NUM_SMS_OFF_GPU = 132  # the interpreter has no SMs; assume an H100 so the policy is the same
 
@@ -249,15 +250,16 @@ def default_tiling(decode_only: bool, head_dim: int) -> Tiling:
 
 def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
     """Split-KV policy for ``num_splits=None``. ``num_programs``: (query tile, KV head)
-    pairs with work. Split while the grid has fewer than ``_PROGRAMS_PER_SM`` programs per
-    SM (one program per SM leaves a KV stream too few loads in flight to reach the memory
-    bandwidth), aiming at about that many, and give every split at least
-    ``_MIN_TILES_PER_SPLIT`` KV tiles of the longest sequence."""
-    target = _PROGRAMS_PER_SM * num_sms
-    if num_programs >= target:
+    pairs with work. Split only below ``_SPLIT_BELOW_PER_SM`` programs per SM, into about
+    ``_PROGRAMS_PER_SM`` programs per SM (rounded down), each split keeping at least
+    ``_MIN_TILES_PER_SPLIT`` KV tiles of the longest sequence. Measured on an H100
+    (benchmarks/tune_attention.py, decode steps in CUDA graphs): 128 programs over 2048
+    keys read the KV at ~0.53 of the copy bandwidth unsplit and ~0.81 in 4 splits, while
+    512 programs lose 3-4% to any split."""
+    if num_programs >= _SPLIT_BELOW_PER_SM * num_sms:
         return 1
     useful = max_seq_len // (_MIN_TILES_PER_SPLIT * block_n)
-    wanted = triton.cdiv(target, num_programs)
+    wanted = _PROGRAMS_PER_SM * num_sms // num_programs
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
