@@ -70,7 +70,13 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
-@triton.jit
+# Ints that change from step to step are not specialised (Triton compiles a variant per
+# "== 1" / "% 16 == 0" of each int): one compilation serves every batch, none lands in a
+# timed step or an RL rollout.
+_VARYING = ["num_reqs", "stride_bt_req", "stride_part_split"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     query_ptr,  # [num_tokens, num_heads, head_dim]
@@ -182,7 +188,7 @@ def _paged_attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "num_splits", "stride_part_split"])
 def _combine_splits_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     part_max_ptr,  # [num_splits, num_tokens, num_heads] fp32, exp2 domain

@@ -48,8 +48,9 @@ _PROGRAMS_PER_SM = 16  # target occupancy of the split pass
 _NUM_WARPS = 8  # with _BLOCK_V = 1024: 4 tokens per thread per step (tuned on H100)
 
 
-# A new seed every step must not mean a new compilation (ints are specialised by value).
-@triton.jit(do_not_specialize=["seed"])
+# A new seed or batch size every step must not mean a new compilation (ints are
+# specialised on "== 1" and "% 16 == 0").
+@triton.jit(do_not_specialize=["seed", "num_reqs", "num_splits"])
 def _sample_tokens_kernel(
     logits_ptr,  # [num_reqs, vocab] bf16/fp16/fp32
     temperature_ptr,  # [num_reqs] fp32; < GREEDY_EPS: greedy row
@@ -139,7 +140,7 @@ def _sample_tokens_kernel(
         tl.store(partial_idx_ptr + part, idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "num_splits"])
 def _sample_tokens_combine_kernel(
     partial_ptr,  # [4, num_reqs, num_splits] fp32
     partial_idx_ptr,  # [num_reqs, num_splits] int32
