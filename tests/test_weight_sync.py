@@ -165,7 +165,7 @@ def test_gloo_broadcast_between_two_processes(tmp_path):
     out = tmp_path / "result.json"
     run_two_ranks(__file__, str(out), timeout=TIMEOUT_S)
     assert json.loads(out.read_text()) == {"streamed": 8, "closed_early": True, "all": 8,
-                                           "empty": 0, "sent": [8, 8, 8, 0, 8]}
+                                           "empty": 0, "sent": [8, 8, 8, 0, 8, 8]}
 
 
 def _rank_main(rank: int, port: int, out: str) -> None:
@@ -183,6 +183,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
             sent.append(send_weights([], src=0))
             _send_malformed_then_good()
             sent.append(send_weights(weights.items(), src=0, bucket_bytes=small))
+            sent.append(send_weights(weights.items(), src=0, bucket_bytes=small))
             dist.all_gather_object(result := [None, None], sent)
             return
         # 1. streaming: copy each view before advancing
@@ -199,6 +200,9 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         with pytest.raises(WeightUpdateError, match="unknown dtype"):
             recv_all(src=0, device="cpu")
         _assert_bitwise_equal(recv_all(src=0, device="cpu"), weights)
+        # 5. views held past their bucket (update_weights lists a stream to validate it all
+        # before the first copy) keep their values: every bucket has its own buffer
+        _assert_bitwise_equal(list(recv_weights(src=0, device="cpu")), weights)
         dist.all_gather_object(result := [None, None], None)
         with open(out, "w") as f:
             json.dump({"streamed": len(streamed), "closed_early": name in weights,

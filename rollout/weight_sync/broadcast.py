@@ -72,23 +72,23 @@ def recv_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, view)`` for every tensor ``src`` sends, bucket by bucket.
 
-    The views live in one receive buffer that the next bucket overwrites: the consumer must
-    copy each tensor before asking for the one after the last of its bucket (``update_weights``
-    copies into the parameters; ``recv_all`` clones). Every rank must consume the stream to the
-    end marker to stay in step with the group. Closing the generator after it started (use
+    Every bucket is received into its own buffer, so a view stays valid for as long as it is
+    referenced: ``update_weights(recv_weights(...))`` may hold the whole stream to check every
+    name and shape before its first copy (then the received weights are all resident at
+    once); ``trainers_integration.update_weights_in_buckets`` holds one chunk at a time.
+    (Reusing one buffer would save allocations but silently corrupt any view kept past its
+    bucket.) Every rank must consume the stream to the end marker to stay in step with the
+    group. Closing the generator after it started (use
     ``contextlib.closing`` when the loop body may raise), or a malformed bucket, receives and
     drops the rest of the stream first; a malformed bucket then raises ``WeightUpdateError``.
     """
-    buffer = torch.empty(0, dtype=torch.uint8, device=device)  # grows to the largest bucket
     while True:
         json_nbytes, buffer_nbytes = _recv_header(src, group, device)
         if json_nbytes == 0:
             return
         meta_bytes = torch.empty(json_nbytes, dtype=torch.uint8, device=device)
         dist.broadcast(meta_bytes, src, group=group)
-        if buffer.numel() < buffer_nbytes:
-            buffer = torch.empty(buffer_nbytes, dtype=torch.uint8, device=device)
-        view = buffer[:buffer_nbytes]
+        view = torch.empty(buffer_nbytes, dtype=torch.uint8, device=device)
         dist.broadcast(view, src, group=group)
         # Here a whole bucket has been received: stopping now leaves the stream at a bucket
         # boundary, so draining keeps the group in step.
@@ -124,5 +124,6 @@ def recv_all(
     group: dist.ProcessGroup | None = None,
     device: torch.device | str,
 ) -> list[tuple[str, torch.Tensor]]:
-    """Receive everything ``src`` sends as a list of independent tensors (cloned)."""
-    return [(name, t.clone()) for name, t in recv_weights(src=src, group=group, device=device)]
+    """Receive everything ``src`` sends as a list (views into the buckets' own buffers, none
+    overlapping another)."""
+    return list(recv_weights(src=src, group=group, device=device))
