@@ -1,8 +1,9 @@
-"""Run a test script as two real processes of a gloo world on loopback.
+"""Run a test script as two real processes of a torch.distributed world on loopback.
 
 A two-rank job: the pytest side calls ``run_job(__file__, job, job_dir)``; the script's
 ``__main__`` runs each rank's cases inside ``with rank_job(rank, port, job_dir) as (job, res):``
-and fills ``res``, which ``run_job`` returns per rank (JSON through ``job_dir``).
+and fills ``res``, which ``run_job`` returns per rank (JSON through ``job_dir``). The world
+is gloo unless the job says ``"backend": "nccl"`` (then rank r runs on ``cuda:r``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def run_two_ranks(script: str | Path, *args: str, timeout: float) -> None:
     """``python script RANK PORT *args`` for ranks 0 and 1; fails with both logs unless both
     exit 0 within ``timeout`` seconds (a stuck collective fails instead of hanging)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # NVLink multicast off: on shared GPU hosts a program using it can take the GPUs down.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     if sys.platform == "linux":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     port = free_port()
@@ -60,13 +64,18 @@ def run_job(script: str | Path, job: dict, job_dir: Path, *, timeout: float) -> 
 
 @contextlib.contextmanager
 def rank_job(rank: int, port: int, job_dir: str) -> Iterator[tuple[dict, dict]]:
-    """One rank of a ``run_job`` job: joins the gloo world of two on loopback and yields
-    (the job, this rank's results dict); the results are written for the pytest side (also
-    when the body raises, so the other cases' results survive) and the world is torn down."""
+    """One rank of a ``run_job`` job: joins the world of two on loopback (gloo, or NCCL with
+    this rank on ``cuda:rank`` when the job's ``backend`` says so) and yields (the job, this
+    rank's results dict); the results are written for the pytest side (also when the body
+    raises, so the other cases' results survive) and the world is torn down."""
+    import torch
     import torch.distributed as dist
 
     job = json.loads((Path(job_dir) / "job.json").read_text())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    backend = job.get("backend", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     res: dict = {}
     try:
