@@ -201,7 +201,7 @@ def test_partial_update_after_level_2_refuses_until_complete(a_dir, sd_a, a_out)
     llm.update_weights(first)
     with pytest.raises(EngineSleepingError) as info:
         llm.generate(PROMPTS, GREEDY)
-    assert f"{len(rest)} are not loaded" in str(info.value)
+    assert f"{len(rest)} weights are undefined or stale" in str(info.value)
     assert rest[0][0] in str(info.value) and first[0][0] not in str(info.value)
     llm.update_weights(rest[:-1])
     with pytest.raises(EngineSleepingError, match=repr(rest[-1][0])):

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # as a script
     sys.path.insert(0, str(ROOT))
 
-from rollout.errors import WeightUpdateError
+from rollout.errors import EngineSleepingError, WeightUpdateError
 from tests.helpers.engine_state import greedy, make_llm
 from trainers_integration import (
     hf_name,
@@ -172,6 +172,31 @@ def test_update_in_buckets_versions_and_bounds(a_dir, sd_b, b_out):
     assert greedy(llm) == b_out and llm.weight_version == 1
     with pytest.raises(ValueError):
         update_weights_in_buckets(llm, sd_b.items(), 0)
+
+
+@pytest.mark.parametrize("failure", ["bad name", "stream raises"])
+def test_update_in_buckets_failing_part_way_refuses_a_mix_of_versions(a_dir, sd_b, b_out, failure):
+    """Chunks before the failure are loaded, the rest is not: generating would mix two
+    versions, so the engine refuses until the weights are loaded again, then serves B."""
+    llm = make_llm(a_dir)
+    items = list(sd_b.items())
+    half = len(items) // 2
+
+    def stream():
+        yield from items[:half]
+        if failure == "stream raises":
+            raise RuntimeError("the trainer's gather failed")
+        yield ("model.layers.0.no_such.weight", torch.zeros(2))
+        yield from items[half:]
+
+    with pytest.raises(WeightUpdateError if failure == "bad name" else RuntimeError):
+        update_weights_in_buckets(llm, stream(), SMALL_BUCKET)
+    with pytest.raises(EngineSleepingError, match="stale") as err:
+        greedy(llm)
+    num_stale = int(str(err.value).split(": ", 1)[1].split()[0])
+    assert 0 < num_stale < len(items)  # the chunks before the failure did load
+    llm.update_weights(items)  # the trainer retries: the engine is whole again
+    assert greedy(llm) == b_out
 
 
 # ---- ZeRO-3 without DeepSpeed: grouping and copies ------------------------------------------

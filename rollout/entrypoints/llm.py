@@ -363,6 +363,13 @@ class LLM:
         self._after_update(version)
         return n
 
+    def mark_partial_update(self, loaded: set[str]) -> int:
+        """For streaming loaders (``trainers_integration.update_weights_in_buckets``): a stream
+        of updates failed after loading the HF names in ``loaded``. The weights it did not reach
+        are older than those it did, so generation is refused (``EngineSleepingError``) until
+        ``update_weights`` or ``load_weights`` loads them too. Returns how many are stale."""
+        return self._updater.mark_stale_except(set(loaded))
+
     def load_weights(self, path: str, version: int | None = None) -> int:
         """``update_weights`` from a safetensors checkpoint directory (pickle is refused)."""
         self._require_awake("load_weights", tags=("weights",))
@@ -393,7 +400,8 @@ class LLM:
         if "kv_cache" in tags and self._updater.missing_names:
             missing = self._updater.missing_names
             raise EngineSleepingError(
-                f"{what}: weights were discarded by sleep(level=2) and {len(missing)} are not loaded again "
+                f"{what}: {len(missing)} weights are undefined or stale (discarded by sleep(level=2), or not "
+                f"reached by a streamed update that failed part-way) "
                 f"(e.g. {missing[:3]}); call update_weights or load_weights with them first"
             )
 

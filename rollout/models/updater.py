@@ -33,6 +33,13 @@ class WeightUpdater:
         """Every weight's contents are gone (their memory was released without a copy)."""
         self._missing = set(self.weight_map.required)
 
+    def mark_stale_except(self, loaded: set[str]) -> int:
+        """A streamed update stopped part-way: weights it did not reach (HF names not in
+        ``loaded``) hold an older version than the ones it did, so they count as missing
+        until loaded again. Returns how many are now missing."""
+        self._missing.update(k for k, name in self.weight_map.required.items() if name not in loaded)
+        return len(self._missing)
+
     def apply(
         self,
         shapes: list[tuple[str, torch.Size, torch.dtype]],
