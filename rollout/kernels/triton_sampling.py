@@ -50,7 +50,7 @@ _NUM_WARPS = 8  # with _BLOCK_V = 1024: 4 tokens per thread per step (tuned on H
 
 # A new seed or batch size every step must not mean a new compilation (ints are
 # specialised on "== 1" and "% 16 == 0").
-@triton.jit(do_not_specialize=["seed", "num_reqs", "num_splits"])
+@triton.jit(do_not_specialize=["seed", "num_reqs", "num_splits", "blocks_per_split"])
 def _sample_tokens_kernel(
     logits_ptr,  # [num_reqs, vocab] bf16/fp16/fp32
     temperature_ptr,  # [num_reqs] fp32; < GREEDY_EPS: greedy row
@@ -67,9 +67,9 @@ def _sample_tokens_kernel(
     greedy_eps,
     tiny,
     seed,  # Philox seed of the in-kernel noise (NOISE == 2)
+    blocks_per_split,  # a run-time loop bound: one compilation serves every batch size
     NOISE: tl.constexpr,  # 0: none (all rows greedy), 1: from noise_ptr, 2: drawn here
     FINAL: tl.constexpr,  # num_splits == 1: write the result, skip the combine kernel
-    BLOCKS_PER_SPLIT: tl.constexpr,  # a power of two: few specialisations across batch sizes
     BLOCK_V: tl.constexpr,
 ):
     # Everything is kept in raw logits x, never divided by T per element:
@@ -85,14 +85,14 @@ def _sample_tokens_kernel(
     noise_end = tl.where(is_random, vocab, 0)  # greedy rows never read their noise
 
     lanes = tl.arange(0, BLOCK_V)
-    start = split * (BLOCKS_PER_SPLIT * BLOCK_V)  # this split's first token id
+    start = split * (blocks_per_split * BLOCK_V)  # this split's first token id
     # Per-lane online state; a lane sees tokens start + lane, start + lane + BLOCK_V, ...
     run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_V], tl.float32)  # sum of exp((x - run_max) / T)
     best_score = tl.full([BLOCK_V], float("-inf"), tl.float32)
     best_idx = start + lanes  # ties at -inf (fully masked) resolve to the first token
     best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    for i in range(BLOCKS_PER_SPLIT):
+    for i in range(blocks_per_split):
         offs = start + i * BLOCK_V + lanes
         mask = offs < vocab
         x = tl.load(logits_ptr + row * logits_row_stride + offs, mask=mask, other=float("-inf"))
@@ -225,10 +225,9 @@ def sample_tokens(
         logits, temperature, logits if noise is None else noise, partial, partial_idx,
         token_ids, logprobs,
         logits.stride(0), 0 if noise is None else noise.stride(0),
-        num_reqs, vocab, num_splits, GREEDY_EPS, _FP32_TINY, 0 if seed is None else seed,
+        num_reqs, vocab, num_splits, GREEDY_EPS, _FP32_TINY, 0 if seed is None else seed, blocks_per_split,
         NOISE=1 if noise is not None else (2 if seed is not None else 0),
         FINAL=final,
-        BLOCKS_PER_SPLIT=blocks_per_split,
         BLOCK_V=_BLOCK_V,
         num_warps=_NUM_WARPS,
     )
