@@ -3,6 +3,7 @@
     rollout-bench WORKLOAD [--model qwen3-0.6b] [--scale 0.1] [--out results.json]
                   [--device cuda] [--dtype bfloat16] [--peer] [--peer-workload nano-bench]
                   [--batches 1,64,256] [--kv-cache-gb 8] [--enforce-eager] [--seed 0]
+                  [--tensor-parallel-size 1]
 
 WORKLOAD: decode-step, nano-bench, rollout-long, peer, rl-cycle, or all (each of those
 with its default model, or ``--model`` for all of them). ``--peer`` on nano-bench or
@@ -10,6 +11,10 @@ decode-step runs ``peer`` on that workload. The hardware roofline (copy bandwidt
 rate, pinned-copy bandwidth) is measured once at the start of the run and saved with every
 result, beside the environment (GPU, versions, date, commit), the options and the model
 configs. Default output: benchmarks/results/<workload>-<model>-<device>.json.
+
+decode-step also runs tensor-parallel, under torchrun (one process per GPU; the benchmark
+initialises torch.distributed as a trainer would, see dist.py; rank 0 prints and saves):
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.cli decode-step --tensor-parallel-size 2
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks import decode_step, nano_bench, peer, rl_cycle, rollout_long, roofline
+from benchmarks import decode_step, dist, nano_bench, peer, rl_cycle, rollout_long, roofline
 from benchmarks.common import ROOT, Options, env_info
 from benchmarks.configs import MODELS, summary
 
@@ -36,6 +42,8 @@ WORKLOADS: dict[str, Callable[[Options, roofline.Hardware], dict[str, Any]]] = {
     "peer": peer.run,
     "rl-cycle": rl_cycle.run,
 }
+# Those that run under torchrun, tensor-parallel or not (the others refuse it).
+TP_WORKLOADS = ("decode-step",)
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
@@ -54,17 +62,28 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     p.add_argument("--kv-cache-gb", type=float, help="KV cache size (default: the platform's)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="decode-step: ranks of one model, under torchrun --nproc-per-node (a multiple of it)")
     a = p.parse_args(argv)
     workload, peer_workload = a.workload, a.peer_workload
     if a.peer:
         if workload not in peer.WORKLOADS:
             p.error(f"--peer applies to {peer.WORKLOADS}, not {workload}")
         workload, peer_workload = "peer", a.workload
+    k, world = a.tensor_parallel_size, dist.env_world_size()
+    if k < 1:
+        p.error(f"--tensor-parallel-size must be >= 1, got {k}")
+    if (k > 1 or world > 1) and workload not in TP_WORKLOADS:
+        p.error(f"--tensor-parallel-size > 1 and torchrun (WORLD_SIZE={world}) apply to {TP_WORKLOADS} only, "
+                f"not {workload}")
+    if world % k:
+        p.error(f"--tensor-parallel-size {k} needs a world of a multiple of {k} ranks "
+                f"(torchrun --nproc-per-node {k}), got WORLD_SIZE={world}")
     opts = Options(
         model=a.model, scale=a.scale, device=a.device, dtype=a.dtype, seed=a.seed,
         kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
         enforce_eager=a.enforce_eager, peer_workload=peer_workload,
-        batches=tuple(int(b) for b in a.batches.split(",")),
+        batches=tuple(int(b) for b in a.batches.split(",")), tensor_parallel_size=k,
     )
     return workload, opts, a.out
 
@@ -82,7 +101,10 @@ def print_table(record: dict[str, Any]) -> None:
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     model = record.get("model") or ",".join(record.get("models", []))
-    print(f"\n== {record['workload']} ({model}, {record['env']['gpu'] or record['env']['device']}) ==")
+    where, tp = record["env"]["gpu"] or record["env"]["device"], record.get("tensor_parallel_size", 1)
+    if tp > 1:
+        where += f", TP={tp} of {record['world_size']} ranks"
+    print(f"\n== {record['workload']} ({model}, {where}) ==")
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
@@ -108,11 +130,19 @@ def _fmt(v: Any) -> str:
 def default_out(workload: str, opts: Options) -> Path:
     device = torch.cuda.get_device_name(opts.torch_device) if opts.torch_device.type == "cuda" else opts.device
     slug = re.sub(r"[^a-z0-9.]+", "-", device.lower()).strip("-")
-    return RESULTS_DIR / f"{workload}-{opts.model or 'default'}-{slug}.json"
+    tp = f"-tp{opts.tensor_parallel_size}" if opts.tensor_parallel_size > 1 else ""
+    return RESULTS_DIR / f"{workload}-{opts.model or 'default'}{tp}-{slug}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     workload, opts, out = parse_args(argv)
+    # Under torchrun: every rank runs the workload (the ranks of a TP group must), on its own
+    # device; rank 0 prints and saves.
+    with dist.world(opts.device) as world:
+        return _run(workload, replace(opts, device=world.device), out, world)
+
+
+def _run(workload: str, opts: Options, out: Path | None, world: dist.World) -> int:
     env = env_info(opts.torch_device)
     hw = roofline.measure_hardware(opts.torch_device, opts.torch_dtype)
     names = list(WORKLOADS) if workload == "all" else [workload]
@@ -127,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             record = {"workload": name, "error": traceback.format_exc()}
             print(f"\n== {name} FAILED ==\n{record['error']}", file=sys.stderr)
         else:
-            print_table(record)
+            if world.is_main:
+                print_table(record)
         records.append(record)
+    if not world.is_main:
+        return 1 if failed else 0
     out = out or default_out(workload, opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = records[0] if workload != "all" else {"workload": "all", "env": env, "hardware": hw.to_json(), "results": records}

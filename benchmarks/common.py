@@ -18,6 +18,7 @@ import torch
 
 import rollout
 from benchmarks.configs import write_model_dir
+from benchmarks.dist import world_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +34,14 @@ class Options:
     enforce_eager: bool = False
     peer_workload: str = "nano-bench"  # what `peer` runs through both engines
     batches: tuple[int, ...] = (1, 64, 256)  # decode-step batch sizes (before scaling)
+    # Ranks of one model; > 1 runs under torchrun, in a world of a multiple of it (dist.py).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 1:
             raise ValueError(f"scale must be in (0, 1], got {self.scale}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -55,10 +60,13 @@ def scaled(n: int, scale: float, minimum: int = 1) -> int:
 
 
 def build_llm(opts: Options, model: str, **kwargs: Any):
-    """An engine of ``model`` with random weights, from a config.json-only directory."""
+    """An engine of ``model`` with random weights, from a config.json-only directory; with
+    ``tensor_parallel_size`` > 1, this rank's shard (every rank of its group must call it)."""
     from rollout import LLM
 
     kwargs.setdefault("kv_cache_memory_bytes", opts.kv_cache_bytes)
+    if opts.tensor_parallel_size > 1:
+        kwargs.setdefault("tensor_parallel_size", opts.tensor_parallel_size)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model_dir(model, Path(tmp))
         return LLM(path, dtype=opts.dtype, device=opts.device, seed=opts.seed, load_format="dummy",
@@ -178,6 +186,7 @@ def env_info(device: torch.device) -> dict[str, Any]:
     return {
         "device": str(device),
         "gpu": gpu,
+        "world_size": world_size(),  # torchrun's ranks (1: one process)
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,

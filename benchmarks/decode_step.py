@@ -14,10 +14,18 @@ decode step of the whole batch (checked: B tokens per step, no preemption). Repo
   the forward is replayed from a CUDA graph; ``--enforce-eager`` shows the eager split.
 - ``roofline_ms`` and ``roofline_fraction`` = roofline_ms / step_ms (see roofline.py), with
   the mean context actually attended (prefill steps interleave decodes of early requests).
+
+Tensor parallelism (``--tensor-parallel-size K`` under ``torchrun``, see dist.py): every
+rank builds its shard and runs the same loop on the same requests (the prompts come from
+a seeded ``random.Random``; a digest is compared across ranks before the batch starts).
+The ranks step in lockstep through the model's collectives; rank 0's timings are reported,
+with ``step_ms_by_rank`` beside them, and ``steady`` holds on every rank. ``tok_s`` is one
+model's (one TP group's); ``roofline_ms`` is one GPU's (roofline.py: the rank's shard).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from typing import Any
@@ -25,6 +33,7 @@ from typing import Any
 from benchmarks import roofline
 from benchmarks.common import ForwardTimer, GcWatch, Options, build_llm, dispose, median, now, scaled
 from benchmarks.configs import hf_config
+from benchmarks.dist import check_same_on_all_ranks, gather, world_size
 from rollout import SamplingParams
 
 DEFAULT_MODEL = "qwen2.5-1.5b"
@@ -44,12 +53,19 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
     blocks_per_seq = -(-(max_model_len + 1) // block_size)
     llm = build_llm(opts, model, max_model_len=max_model_len, max_num_seqs=max(batches),
                     block_size=block_size, num_kv_blocks=max(batches) * blocks_per_seq + 8)
-    stats = roofline.ModelStats.from_model(llm.model, llm.hf_config)
+    stats = roofline.ModelStats.from_model(llm.model, llm.hf_config, opts.tensor_parallel_size)
     vocab = hf_config(model).vocab_size
     rows = [_one_batch(llm, b, context, steps, vocab, stats, hw, random.Random(opts.seed + b)) for b in batches]
     dispose(llm)
+    world = world_size()
+    if world > 1:  # after every timed loop: gather is a collective
+        per_rank = gather([(r["step_ms"], r["steady"]) for r in rows])
+        for i, r in enumerate(rows):
+            r["step_ms_by_rank"] = [mine[i][0] for mine in per_rank]
+            r["steady"] = all(mine[i][1] for mine in per_rank)
     return {
         "model": model, "context": context, "steps": steps, "rows": rows, "model_stats": stats.to_json(),
+        "tensor_parallel_size": opts.tensor_parallel_size, "world_size": world,
         "roofline_fraction": {f"B={r['batch']}": r["roofline_fraction"] for r in rows},
     }
 
@@ -61,8 +77,11 @@ def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roo
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=llm.max_model_len - (context - 1),
                             detokenize=False, output_kind="final_only")
     req_ids = [f"decode-b{batch}-{i}" for i in range(batch)]
-    for rid in req_ids:
-        llm.add_request([rng.randrange(vocab) for _ in range(context - 1)], params, request_id=rid)
+    prompts = [[rng.randrange(vocab) for _ in range(context - 1)] for _ in req_ids]
+    # The ranks of a TP group must be given the same requests.
+    check_same_on_all_ranks(f"B={batch} prompts", hashlib.sha256(repr(prompts).encode()).hexdigest())
+    for rid, prompt in zip(req_ids, prompts):
+        llm.add_request(prompt, params, request_id=rid)
     reqs = [llm.engine.scheduler.requests[rid] for rid in req_ids]  # engine state, read only
     while any(r.num_output_tokens == 0 for r in reqs):
         llm.step()

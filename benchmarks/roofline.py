@@ -26,6 +26,20 @@ while fewer than ``max_num_seqs`` run and their full lengths fit the engine's KV
 each step decodes one token of every running sequence at the t above. The ceiling is
 output tokens / that time; a workload's fraction is ceiling time / measured time.
 Activations and norms are not counted (small next to weights and KV at these sizes).
+
+Tensor parallelism over K ranks (``ModelStats.from_model(..., tensor_parallel_size=K)``,
+built from one rank's shard): every quantity is that rank's, i.e. one GPU's, and the
+formulas above stay as they are. W and P = the shard's parameters: 1/K of every linear
+layer, ceil(vocab / K) rows of the LM head (and of an untied embedding, left out as
+above), the norms replicated whole (small), so W is slightly above W_full / K; with
+K > kv_heads the k/v projections hold one kv head, replicated on K / kv_heads ranks.
+KV = 2 * layers * kv_heads_r * head_dim * itemsize with kv_heads_r the rank's kv heads
+(kv_heads / K, or 1 when K > kv_heads: then KV shrinks only by kv_heads, not K); heads
+= heads / K (attention flops). The logits term keeps the full vocab: the slices are
+all-gathered, so every rank writes B * vocab. Not counted: the communication, per step
+2 * layers + 1 all-reduces of B * hidden * itemsize (attention and MLP outputs, embedding)
+and one all-gather of the logits; small in bytes at decode, latency-bound, so the gap
+between this roofline and a TP step is mostly theirs. K = 1 gives the numbers above.
 """
 
 from __future__ import annotations
@@ -105,24 +119,33 @@ class ModelStats:
     layers: int
     heads: int
     head_dim: int
-    vocab: int
+    vocab: int  # the full vocab (logits are gathered whole on every rank)
     itemsize: int
+    tensor_parallel_size: int = 1  # K: the fields above are one rank's of K
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, hf_config: Any) -> ModelStats:
+    def from_model(cls, model: torch.nn.Module, hf_config: Any, tensor_parallel_size: int = 1) -> ModelStats:
+        """The stats of ``model``, this rank's shard of a model over ``tensor_parallel_size``
+        ranks (the whole model for 1); see the module docstring."""
+        k = tensor_parallel_size
         params = {id(p): p for p in model.parameters()}.values()
         numel = sum(p.numel() for p in params)
         itemsize = next(iter(params)).element_size()
         vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
-        untied_embedding = 0 if getattr(hf_config, "tie_word_embeddings", False) else vocab * hidden
+        vocab_rows = -(-vocab // k)  # the rank's vocab-parallel slice, padded (the whole vocab for 1)
+        untied_embedding = 0 if getattr(hf_config, "tie_word_embeddings", False) else vocab_rows * hidden
         heads = hf_config.num_attention_heads
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        # The model's own count when it has one (the engine sizes its KV cache by it): with
+        # K > kv heads every rank holds one, replicated.
+        kv_heads = getattr(model, "num_kv_heads", None) or max(1, kv_heads // k)
         head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
         layers = hf_config.num_hidden_layers
         return cls(
             weight_bytes=(numel - untied_embedding) * itemsize, matmul_params=numel - untied_embedding,
-            lm_head_params=vocab * hidden, kv_bytes_per_token=2 * layers * kv_heads * head_dim * itemsize,
-            layers=layers, heads=heads, head_dim=head_dim, vocab=vocab, itemsize=itemsize,
+            lm_head_params=vocab_rows * hidden, kv_bytes_per_token=2 * layers * kv_heads * head_dim * itemsize,
+            layers=layers, heads=heads // k, head_dim=head_dim, vocab=vocab, itemsize=itemsize,
+            tensor_parallel_size=k,
         )
 
     def to_json(self) -> dict[str, Any]:
