@@ -71,8 +71,8 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 # Ints that change from step to step are not specialised (Triton compiles a variant per
-# "== 1" / "% 16 == 0" of each int): one compilation serves every batch, none lands in a
-# timed step or an RL rollout.
+# "== 1" / "% 16 == 0" of each int): one compilation per launch shape (tiles, split or not)
+# serves every batch size, instead of new ones compiling in the middle of a rollout.
 _VARYING = ["num_reqs", "stride_bt_req", "stride_part_split"]
 
 
