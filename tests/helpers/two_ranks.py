@@ -30,7 +30,9 @@ def free_port() -> int:
 def run_two_ranks(script: str | Path, *args: str, timeout: float) -> None:
     """``python script RANK PORT *args`` for ranks 0 and 1; fails with both logs unless both
     exit 0 within ``timeout`` seconds (a stuck collective fails instead of hanging)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # The checkout first, then whatever the caller had (packages installed beside it).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     # NVLink multicast off: on shared GPU hosts a program using it can take the GPUs down.
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
