@@ -6,7 +6,7 @@ Run as a script (``python tests/gpu/test_two_gpus.py RANK PORT JOB_DIR``) it is 
 the two-process job, on ``cuda:RANK``; the pytest side builds the tiny models, computes the
 CPU references and runs the job once. CPU references are the oracle for fp32 greedy tokens
 (GPU == CPU is test_engine_gpu's check); bf16 TP=2 logprobs are compared with a TP=1 engine
-on the same GPU, teacher-forced on the same sequences (``score``).
+and an fp32 one on the same GPU, teacher-forced on the same sequences (``score``).
 """
 
 from __future__ import annotations
@@ -73,19 +73,27 @@ def _tp_case(d: str, dev: str) -> dict:
 
 def _bf16_case(d: str, dev: str) -> dict:
     """TP=1 (this rank alone) and TP=2 in bf16: logprobs of TP=1's greedy sequences."""
+    prompt_lens = [len(p) for p in PROMPTS]
     tp1 = LLM(d, device=dev, **BF16)
     outs = tp1.generate(PROMPTS, GREEDY_LP)
     seqs = [p + list(o.outputs[0].token_ids) for p, o in zip(PROMPTS, outs)]
     ref = [lp for o in outs for lp in o.outputs[0].token_logprobs]
     del tp1
     tp2 = LLM(d, device=dev, tensor_parallel_size=2, **BF16)
-    got = [lp for s in tp2.score(seqs, prompt_lens=[len(p) for p in PROMPTS]) for lp in s]
+    got = [lp for s in tp2.score(seqs, prompt_lens=prompt_lens) for lp in s]
     same = sum(a == b for a, b in zip(_tokens(tp2.generate(PROMPTS, GREEDY_LP)), _tokens(outs)))
     del tp2
+    # For scale: both bf16 runs against fp32 on the same sequences (bf16's own noise).
+    fp32 = [lp for s in LLM(d, device=dev, **FP32).score(seqs, prompt_lens=prompt_lens) for lp in s]
     torch.cuda.empty_cache()
+
+    def mean_abs(a, b):
+        return sum(abs(x - y) for x, y in zip(a, b)) / max(len(a), 1)
+
     diffs = [abs(a - b) for a, b in zip(got, ref)]
-    return {"n": len(diffs), "n_ref": len(ref), "mean_abs": sum(diffs) / max(len(diffs), 1),
-            "max_abs": max(diffs, default=0.0), "same_greedy_sequences": same}
+    return {"n": len(diffs), "n_ref": len(ref), "mean_abs": mean_abs(got, ref),
+            "max_abs": max(diffs, default=0.0), "same_greedy_sequences": same,
+            "tp1_vs_fp32": mean_abs(ref, fp32), "tp2_vs_fp32": mean_abs(got, fp32)}
 
 
 def _sleep_update_case(d: str, new_dir: str, dev: str) -> dict:
@@ -193,9 +201,13 @@ def test_tp2_fp32_greedy_equals_cpu_with_and_without_graphs(results, refs, name)
 
 @pytest.mark.parametrize("name", MODELS)
 def test_tp2_bf16_logprobs_close_to_tp1(results, name):
+    """TP=2 in bf16 is no further from the fp32 logprobs than TP=1 in bf16 is (bf16's own
+    noise on these random tiny models is a few 1e-2: on CPU over gloo TP=1 vs fp32 read
+    0.032, TP=2 vs fp32 0.033, TP=2 vs TP=1 0.017)."""
     for r in results:
         b = r["bf16"][name]
-        assert b["n"] == b["n_ref"] > 0 and b["mean_abs"] < 2e-2, b
+        assert b["n"] == b["n_ref"] > 0, b
+        assert b["tp2_vs_fp32"] <= 1.25 * b["tp1_vs_fp32"] + 1e-3 and b["mean_abs"] < 5e-2, b
 
 
 def test_sleep_wake_and_update_under_tp2(results, refs):
