@@ -249,9 +249,8 @@ class Tiling:
 
 
 def default_tiling(decode_only: bool, head_dim: int) -> Tiling:
-    if decode_only:
-        return Tiling(block_m=_DECODE_BLOCK_M, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
-    return Tiling(block_m=_MIXED_BLOCK_M, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    return Tiling(block_m=_DECODE_BLOCK_M if decode_only else _MIXED_BLOCK_M,
+                  block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
 def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
@@ -352,8 +351,7 @@ def paged_attention(
     plan = plan_launch(num_tokens, num_heads, num_kv_heads, head_dim, num_reqs, max_query_len=max_query_len,
                        max_seq_len=max_seq_len, device=query.device, num_splits=num_splits, block_m=block_m,
                        tiling=tiling)
-    num_splits, block_m, block_q, block_n = plan.num_splits, plan.block_m, plan.block_q, plan.block_n
-    num_q_tiles, group = plan.num_q_tiles, num_heads // num_kv_heads
+    num_splits = plan.num_splits
     split = num_splits > 1
     if split:
         part_max = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
@@ -364,7 +362,7 @@ def paged_attention(
 
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_d = triton.next_power_of_2(max(head_dim, 16))
-    _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_splits)](
+    _paged_attention_kernel[(plan.num_q_tiles, num_kv_heads, num_splits)](
         out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         part_max, part_sum, part_acc,
         scale, num_reqs,
@@ -374,8 +372,8 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         num_tokens * num_heads, num_heads,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, SPLIT=split,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size,
+        BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=query.dtype == torch.bfloat16 and query.device.type == "cpu",
         num_warps=plan.num_warps, num_stages=plan.num_stages,

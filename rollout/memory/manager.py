@@ -68,8 +68,7 @@ class MemoryManager:
         weights = self.arenas["weights"]
         # Copy whatever the arena holds: weights written since a sleep(2) must survive, and
         # the ones not written yet stay undefined (the WeightUpdater tracks which those are).
-        copying = level == 1 and weights.is_mapped
-        if copying:
+        if level == 1 and weights.is_mapped:
             if self._host_weights is None:
                 self._host_weights = torch.empty(weights.nbytes, dtype=torch.uint8, pin_memory=self.pin_host)
             kv = self.arenas["kv_cache"]
