@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 from benchmarks import roofline, throughput
-from benchmarks.common import GcWatch, Options, build_llm, dispose, scaled
+from benchmarks.common import Options, build_llm, dispose, scaled
 from benchmarks.configs import hf_config
 from rollout import SamplingParams
 
@@ -43,10 +43,9 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
 def run_on(llm, hw: roofline.Hardware, prompts: list[list[int]], output_lens: list[int]) -> dict[str, Any]:
     throughput.warm_up(llm)
     params = [SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=n) for n in output_lens]
-    gc_watch = GcWatch()
-    seconds, num_tokens = throughput.generate_timed(llm, prompts, params, gc_watch)
+    seconds, num_tokens, gc = throughput.generate_timed(llm, prompts, params)
     lens = [len(p) for p in prompts]
-    return {**throughput.result(llm, hw, seconds, num_tokens, lens, output_lens, lens), "gc": gc_watch.to_json()}
+    return {**throughput.result(llm, hw, seconds, num_tokens, lens, output_lens, lens), "gc": gc}
 
 
 def _row(res: dict[str, Any]) -> dict[str, Any]:

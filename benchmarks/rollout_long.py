@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 from benchmarks import roofline, throughput
-from benchmarks.common import GcWatch, Options, build_llm, dispose, scaled
+from benchmarks.common import Options, build_llm, dispose, scaled
 from benchmarks.configs import hf_config
 from rollout import SamplingParams
 
@@ -26,11 +26,10 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
     llm = build_llm(opts, model, max_model_len=prompt_len + output_len + 1)
     throughput.warm_up(llm)
     params = SamplingParams(n=N, temperature=1.0, ignore_eos=True, max_tokens=output_len)
-    gc_watch = GcWatch()
-    seconds, num_tokens = throughput.generate_timed(llm, prompts, [params] * num_prompts, gc_watch)
+    seconds, num_tokens, gc = throughput.generate_timed(llm, prompts, [params] * num_prompts)
     res = throughput.result(llm, hw, seconds, num_tokens, [prompt_len] * (num_prompts * N),
                             [output_len] * (num_prompts * N), [prompt_len] * num_prompts)
     dispose(llm)
     row = {k: res[k] for k in ("seconds", "output_tokens", "tok_s", "ceiling_tok_s", "roofline_fraction")}
     return {"model": model, "num_prompts": num_prompts, "n": N, "prompt_len": prompt_len, "output_len": output_len,
-            "rows": [row], "roofline_fraction": res["roofline_fraction"], "detail": {**res, "gc": gc_watch.to_json()}}
+            "rows": [row], "roofline_fraction": res["roofline_fraction"], "detail": {**res, "gc": gc}}

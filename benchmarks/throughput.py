@@ -3,7 +3,6 @@ ceiling of the same sequences (shared by nano-bench, rollout-long and peer)."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from benchmarks import roofline
@@ -16,15 +15,14 @@ def warm_up(llm) -> None:
     llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True))
 
 
-def generate_timed(llm, prompts: list[list[int]], params: list[SamplingParams],
-                   gc_watch: GcWatch | None = None) -> tuple[float, int]:
-    """(seconds, output tokens) of one generate call over the whole workload; ``gc_watch``
-    counts the garbage collections during it."""
-    with gc_watch or contextlib.nullcontext():
+def generate_timed(llm, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, int, dict[str, Any]]:
+    """(seconds, output tokens, garbage collections during it) of one generate call over the
+    whole workload."""
+    with GcWatch() as gc_watch:
         t0 = now(llm.device)
         outs = llm.generate(prompts, params)
         seconds = now(llm.device) - t0
-    return seconds, sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return seconds, sum(len(c.token_ids) for o in outs for c in o.outputs), gc_watch.to_json()
 
 
 def result(llm, hw: roofline.Hardware, seconds: float, num_tokens: int, prompt_lens: list[int],
