@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tensor parallelism on two GPUs of one host: decode-step of $MODEL (default qwen3-8b) at
 # TP=1 (one process, GPU 0) and at TP=2 (torchrun, two processes, GPUs 0 and 1), each run in
-# its own process with its own time limit, then the TP=2 / TP=1 tokens/s ratio per batch
+# its own process with its own time limit (LIMIT, default 240 s), then the TP=2 / TP=1 tokens/s ratio per batch
 # (the target: >= 1.6 for qwen3-8b). JSON results and logs go to $OUT (default
 # benchmarks/results). Worst case ~8.5 min.
 #   OUT=/some/dir bash benchmarks/run_gpu2.sh
@@ -15,6 +15,7 @@ OUT_DIR=${OUT:-benchmarks/results}
 PY=${PYTHON:-python}
 MODEL=${MODEL:-qwen3-8b}
 BATCHES=${BATCHES:-1,64,128}
+LIMIT=${LIMIT:-240}  # seconds per run
 read -r -a EXTRA <<< "${ARGS:-}"
 # NVLink multicast off: on shared GPU hosts a program using it can take the GPUs down.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -35,8 +36,8 @@ bench() {  # bench NAME TIME_LIMIT_S COMMAND... (COMMAND is given --out NAME.jso
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 CLI=(-m benchmarks.cli decode-step --model "$MODEL" --batches "$BATCHES" ${EXTRA[@]+"${EXTRA[@]}"})
-bench "decode-step-$MODEL-tp1" 240 "$PY" -u "${CLI[@]}"
-bench "decode-step-$MODEL-tp2" 240 "$PY" -u -m torch.distributed.run --standalone --nproc-per-node 2 \
+bench "decode-step-$MODEL-tp1" "$LIMIT" "$PY" -u "${CLI[@]}"
+bench "decode-step-$MODEL-tp2" "$LIMIT" "$PY" -u -m torch.distributed.run --standalone --nproc-per-node 2 \
     "${CLI[@]}" --tensor-parallel-size 2
 "$PY" - "$OUT_DIR/decode-step-$MODEL-tp1.json" "$OUT_DIR/decode-step-$MODEL-tp2.json" <<'EOF' || status=1
 import json, sys
