@@ -74,9 +74,9 @@ def build_llm(opts: Options, model: str, **kwargs: Any):
 
 
 def dispose(llm: Any) -> None:
-    """Give an engine's device memory back before the next one is built in this process
-    (its arenas are released by sleep; dropping the object alone may not unmap them)."""
-    llm.sleep(level=2)
+    """Give an engine's device memory back before the next one is built in this process,
+    and its CUDA graphs before the world is destroyed (``LLM.shutdown``)."""
+    llm.shutdown()
     del llm
     gc.collect()
     if torch.cuda.is_available():

@@ -87,6 +87,15 @@ class CudaGraphRunner:
         torch.cuda.synchronize(self.device)
         logger.info("captured %d CUDA graphs (sizes %s) in %.1fs", len(self.sizes), self.sizes, time.perf_counter() - t0)
 
+    def release(self) -> None:
+        """Free every graph and its memory pool. NCCL cannot tear down a communicator while
+        a graph that captured its collectives is alive (pytorch#115388), so this must run
+        before the caller's ``destroy_process_group`` under tensor parallelism."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self._pool = None
+
     def can_run(self, num_reqs: int) -> bool:
         return bool(self.graphs) and num_reqs <= self.sizes[-1]
 

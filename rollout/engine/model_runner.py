@@ -150,6 +150,12 @@ class ModelRunner:
         )
         self.graphs.capture()
 
+    def release_cuda_graphs(self) -> None:
+        """Drop the captured graphs; later decode steps run eagerly."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     # ---- one step ----------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> StepHandle:

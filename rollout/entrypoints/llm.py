@@ -149,11 +149,41 @@ class LLM:
         )
         self._frontend = RequestFrontend(self.engine, self.input_processor, self._require_awake, self._is_awake)
         self._driver = AsyncDriver(self._frontend)
+        self._shut_down = False
         logger.info(
             "rollout LLM ready in %.1fs: %s %s on %s, %d KV blocks x %d tokens, max_model_len %d",
             time.perf_counter() - t0, hf_config.architectures, self.dtype, self.device, num_blocks,
             block_size, max_model_len,
         )
+
+    # ---- lifetime -----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Release everything the engine holds on the device: unfinished requests are
+        aborted (their streams get their final outputs), the CUDA graphs are freed, the KV
+        cache and the weights are released. Every later call but ``shutdown``/``sleep``
+        (no-ops) raises ``EngineStateError``. ``with LLM(...) as llm:`` calls it on exit.
+
+        Under tensor parallelism over NCCL call it on every rank before
+        ``torch.distributed.destroy_process_group()``: NCCL cannot tear down a communicator
+        while CUDA graphs that captured its collectives are alive, and the destroy hangs."""
+        if self._shut_down:
+            return
+        unfinished = list(self.engine.outputs.parents)
+        if unfinished:
+            self._frontend.abort(unfinished)
+        self.engine.flush()
+        self.engine.runner.release_cuda_graphs()
+        self.memory.close()
+        self._updater.discard()
+        self.platform.release_cached_memory(self.device)
+        self._shut_down = True
+        logger.info("rollout LLM shut down")
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> Any | None:
         return self.tokenizer
@@ -214,6 +244,7 @@ class LLM:
         """Queue one prompt (any one-prompt form of ``generate``) and return its request id
         (``request_id``, or a fresh one); ``step()`` runs it. Validated like ``generate``;
         an id used by an unfinished request raises ``InvalidRequestError``."""
+        self._require_open("add_request")
         return self._frontend.submit(self._frontend.prepare_one(prompt, sampling_params, request_id))[0]
 
     def step(self) -> list[RequestOutput]:
@@ -266,12 +297,14 @@ class LLM:
         with ``finished=True``. Validated on the call, queued at the first iteration, run by
         the engine loop shared by every coroutine (continuous batching across them). A
         stream closed or cancelled before the end aborts its request."""
+        self._require_open("generate_stream")
         return self._driver.stream(self._frontend.prepare_one(prompt, sampling_params, request_id))
 
     async def generate_async(
         self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None
     ) -> RequestOutput:
         """``await llm.generate_async(prompt, params)``: one prompt's final RequestOutput."""
+        self._require_open("generate_async")
         sub = self._frontend.prepare_one(prompt, sampling_params, request_id, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         async for final in self._driver.stream(sub):
@@ -315,6 +348,8 @@ class LLM:
         weights must come back through ``update_weights`` or ``load_weights``. Requests in
         flight lose their KV and are recomputed after the wake. Sleeping twice is a no-op."""
         self.memory.check_level(level)  # before anything is dropped
+        if self._shut_down:
+            return
         t0 = time.perf_counter()
         before = self.memory.memory_usage()
         if self.memory.arenas["kv_cache"].is_mapped:
@@ -332,6 +367,7 @@ class LLM:
         """Take device memory back: ``tags`` from "weights", "kv_cache" (None: both). On CUDA
         the addresses are the ones before sleep. Raises WakeOOMError, with nothing left
         half-mapped, when the device has no room; waking what is awake is a no-op."""
+        self._require_open("wake_up")
         t0 = time.perf_counter()
         woken = self.memory.wake_up(tags)
         if woken:
@@ -391,9 +427,14 @@ class LLM:
         self.engine.weight_version = self.engine.weight_version + 1 if version is None else version
 
     def _is_awake(self) -> bool:
-        return not self.memory.asleep_tags() and not self._updater.missing_names
+        return not self._shut_down and not self.memory.asleep_tags() and not self._updater.missing_names
+
+    def _require_open(self, what: str) -> None:
+        if self._shut_down:
+            raise EngineStateError(f"{what} after shutdown(): the engine released its memory for good; build a new LLM")
 
     def _require_awake(self, what: str, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        self._require_open(what)
         asleep = [t for t in tags if t in self.memory.asleep_tags()]
         if asleep:
             raise EngineSleepingError(f"{what} needs {asleep} awake: call wake_up({asleep}) first")

@@ -46,6 +46,10 @@ class Arena(ABC):
     @abstractmethod
     def restore(self) -> None: ...
 
+    def close(self) -> None:
+        """Release for good: the arena is not restored again (idempotent)."""
+        self.release()
+
     def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A typed view of ``prod(shape) * itemsize`` bytes at ``offset``."""
         numel = 1

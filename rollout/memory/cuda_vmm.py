@@ -114,5 +114,15 @@ class CudaVMMArena(Arena):
         self._handle = None
 
     def restore(self) -> None:
+        if self._ptr is None:
+            raise RuntimeError("restore() of a closed arena")
         if self._handle is None:
             self._map()  # WakeOOMError leaves nothing created or mapped
+
+    def close(self) -> None:
+        """Release the memory and give the address range back (views become invalid)."""
+        if self._ptr is None:
+            return
+        self.release()
+        _check(_driver().cuMemAddressFree(self._ptr, self.nbytes), "cuMemAddressFree")
+        self._ptr = None

@@ -104,6 +104,12 @@ class MemoryManager:
             self.arenas["weights"].synchronize()  # the copy is done when wake_up returns
         return woken
 
+    def close(self) -> None:
+        """Release every arena for good and drop the host copy (engine shutdown)."""
+        self._host_weights, self._host_valid = None, False
+        for arena in self.arenas.values():
+            arena.close()
+
     def memory_usage(self) -> dict[str, dict[str, int]]:
         host = self._host_weights.numel() if self._host_weights is not None else 0
         return {

@@ -102,6 +102,28 @@ def case_sleep_frees_memory(work: Path) -> dict:
     return out
 
 
+def case_shutdown_frees_everything(work: Path) -> dict:
+    """shutdown() drops the graphs, unmaps the arenas and frees their address ranges; a new
+    engine in the same process works."""
+    d = _dirs(work)["llama"]
+    _warm_libraries()
+    free0, _ = torch.cuda.mem_get_info()
+    reserved0 = torch.cuda.memory_reserved()
+    llm = LLM(str(d), dtype="float32", device="cuda", kv_cache_memory_bytes=4 << 30)
+    ref = _tokens(llm)
+    torch.cuda.synchronize()
+    free1, _ = torch.cuda.mem_get_info()
+    footprint = sum(v["device"] for v in llm.memory_usage().values()) + torch.cuda.memory_reserved() - reserved0
+    llm.shutdown()
+    free2, _ = torch.cuda.mem_get_info()
+    out = {"returned_fraction": (free2 - free1) / footprint, "graphs_dropped": llm.engine.runner.graphs is None,
+           "addresses_freed": all(a.address is None for a in llm.memory.arenas.values()),
+           "process_delta_left": free0 - free2}
+    with LLM(str(d), dtype="float32", device="cuda", kv_cache_memory_bytes=4 << 30) as again:
+        out["new_engine_same_output"] = _tokens(again) == ref
+    return out
+
+
 def case_graph_replay_after_wake(work: Path) -> dict:
     """After sleep/wake (both levels) the captured graphs replay to the eager result."""
     d = _dirs(work)["qwen3"]
@@ -183,7 +205,7 @@ def case_default_kv_sizing(work: Path) -> dict:
     return {"generated": ok, "used_fraction": (total - free) / total, "num_blocks": llm.engine.kv.num_blocks}
 
 
-CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing)}
+CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_shutdown_frees_everything, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing)}
 
 if __name__ == "__main__":
     name, work = sys.argv[1], Path(sys.argv[2])

@@ -38,6 +38,12 @@ def test_sleep_returns_memory_and_keeps_addresses(tmp_path_factory):
     assert r["params_ptrs_unchanged"] and r["kv_ptr_unchanged"] and r["update_changed_weights"] and r["vmm"], r
 
 
+def test_shutdown_frees_everything(tmp_path_factory):
+    r = run_case("shutdown_frees_everything", tmp_path_factory)
+    assert r["returned_fraction"] >= 0.95 and r["graphs_dropped"] and r["addresses_freed"], r
+    assert r["new_engine_same_output"], r
+
+
 def test_graph_replay_after_wake_equals_eager(tmp_path_factory):
     r = run_case("graph_replay_after_wake", tmp_path_factory)
     assert all(r.values()), r

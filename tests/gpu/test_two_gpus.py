@@ -11,7 +11,9 @@ and an fp32 one on the same GPU, teacher-forced on the same sequences (``score``
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,15 +30,18 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
 ]
-TIMEOUT_S = 900  # the whole job: model builds, graph captures, a stuck collective fails it
+# The whole job: model builds, graph captures; a stuck collective fails it.
+TIMEOUT_S = float(os.environ.get("ROLLOUT_TWO_GPU_TIMEOUT_S", "900"))
 MODELS = ("llama", "qwen3", "qwen2")  # 2 KV heads each: one per rank
 PROMPTS = [[5, 6, 7], list(range(10, 60)), [9], list(range(100, 117))]
 DP_PROMPTS = [[i, i + 1, i + 2] for i in range(3, 40, 4)]  # 10 prompts, 5 per replica
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 GREEDY_LP = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=0)
 SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True)
-FP32 = {"dtype": "float32", "num_kv_blocks": 128}
-BF16 = {"dtype": "bfloat16", "num_kv_blocks": 256}
+# max_num_seqs 8: four graph sizes (1, 2, 4, 8) per engine instead of twenty, since the job
+# builds some twenty engines.
+FP32 = {"dtype": "float32", "num_kv_blocks": 128, "max_num_seqs": 8}
+BF16 = {"dtype": "bfloat16", "num_kv_blocks": 256, "max_num_seqs": 8}
 
 
 def _tokens(outs) -> list[list[int]]:
@@ -66,8 +71,8 @@ def _tp_case(d: str, dev: str) -> dict:
         "captured": graphs.engine.runner.graphs is not None,
         "kv_heads": graphs.engine.runner.kv_caches[0].shape[-2],
     }
-    del graphs, eager
-    torch.cuda.empty_cache()
+    graphs.shutdown()  # graphs that captured NCCL collectives must go before the world does
+    eager.shutdown()
     return res
 
 
@@ -78,14 +83,14 @@ def _bf16_case(d: str, dev: str) -> dict:
     outs = tp1.generate(PROMPTS, GREEDY_LP)
     seqs = [p + list(o.outputs[0].token_ids) for p, o in zip(PROMPTS, outs)]
     ref = [lp for o in outs for lp in o.outputs[0].token_logprobs]
-    del tp1
+    tp1.shutdown()
     tp2 = LLM(d, device=dev, tensor_parallel_size=2, **BF16)
     got = [lp for s in tp2.score(seqs, prompt_lens=prompt_lens) for lp in s]
     same = sum(a == b for a, b in zip(_tokens(tp2.generate(PROMPTS, GREEDY_LP)), _tokens(outs)))
-    del tp2
+    tp2.shutdown()
     # For scale: both bf16 runs against fp32 on the same sequences (bf16's own noise).
-    fp32 = [lp for s in LLM(d, device=dev, **FP32).score(seqs, prompt_lens=prompt_lens) for lp in s]
-    torch.cuda.empty_cache()
+    with LLM(d, device=dev, enforce_eager=True, **FP32) as scorer:  # scoring runs no decode step
+        fp32 = [lp for s in scorer.score(seqs, prompt_lens=prompt_lens) for lp in s]
 
     def mean_abs(a, b):
         return sum(abs(x - y) for x, y in zip(a, b)) / max(len(a), 1)
@@ -102,9 +107,10 @@ def _sleep_update_case(d: str, new_dir: str, dev: str) -> dict:
     llm = LLM(d, device=dev, tensor_parallel_size=2, **FP32)
     before = _tokens(llm.generate(PROMPTS, GREEDY))
     ptrs = [p.data_ptr() for p in llm.model.parameters()]
-    free0 = torch.cuda.mem_get_info()[0]
+    on_gpu = torch.device(dev).type == "cuda"  # a gloo dry run on CPU measures nothing here
+    free0 = torch.cuda.mem_get_info()[0] if on_gpu else 0
     llm.sleep(level=1)
-    freed = torch.cuda.mem_get_info()[0] - free0
+    freed = torch.cuda.mem_get_info()[0] - free0 if on_gpu else 0
     footprint = llm.memory.arenas["weights"].nbytes + llm.memory.arenas["kv_cache"].nbytes
     llm.wake_up()
     after_wake = _tokens(llm.generate(PROMPTS, GREEDY))
@@ -115,8 +121,7 @@ def _sleep_update_case(d: str, new_dir: str, dev: str) -> dict:
     res = {"before": before, "after_wake": after_wake, "after_update": _tokens(llm.generate(PROMPTS, GREEDY)),
            "ptrs_unchanged": ptrs == [p.data_ptr() for p in llm.model.parameters()],
            "freed_fraction": freed / footprint}
-    del llm
-    torch.cuda.empty_cache()
+    llm.shutdown()
     return res
 
 
@@ -127,8 +132,7 @@ def _dp_case(d: str, dev: str) -> dict:
     share = split_for_dp(DP_PROMPTS, llm.parallel)
     res = {"dp": list(dp_rank_and_size(llm.parallel)), "share": share,
            "gathered": gather_from_dp(_tokens(llm.generate(share, GREEDY)), llm.parallel, device=dev)}
-    del llm
-    torch.cuda.empty_cache()
+    llm.shutdown()
     return res
 
 
@@ -152,20 +156,32 @@ def _broadcast_case(rank: int, d: str, new_dir: str, dev: str) -> dict:
         got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].device.type == torch.device(dev).type
         and torch.equal(got[k].cpu(), v) for k, v in expected.items())
     res = {"loaded": loaded, "tokens": _tokens(llm.generate(PROMPTS, GREEDY)), "raw_bitwise": bitwise}
-    del llm
-    torch.cuda.empty_cache()
+    llm.shutdown()
     return res
 
 
 def _rank_main(rank: int, port: int, job_dir: str) -> None:
     with rank_job(rank, port, job_dir) as (job, res):
-        dev = f"cuda:{rank}"
+        # A job with backend gloo is a dry run of the same cases on CPU.
+        dev = f"cuda:{rank}" if job["backend"] == "nccl" else "cpu"
+        t0 = time.perf_counter()
+
+        def done(what: str) -> None:  # shown with the logs when the job fails or times out
+            print(f"rank {rank}: {what} done at {time.perf_counter() - t0:.1f}s", flush=True)
+
         for name in MODELS:
             res[f"tp_{name}"] = _tp_case(job[name], dev)
-        res["bf16"] = {name: _bf16_case(job[name], dev) for name in MODELS}
+            done(f"tp {name}")
+        res["bf16"] = {}
+        for name in MODELS:
+            res["bf16"][name] = _bf16_case(job[name], dev)
+            done(f"bf16 {name}")
         res["sleep_update"] = _sleep_update_case(job["llama"], job["llama_b"], dev)
+        done("sleep/update")
         res["dp"] = _dp_case(job["llama"], dev)
+        done("dp")
         res["broadcast"] = _broadcast_case(rank, job["llama"], job["llama_b"], dev)
+        done("broadcast")
 
 
 # ---- the pytest side ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -44,16 +45,25 @@ def run_two_ranks(script: str | Path, *args: str, timeout: float) -> None:
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)
     ]
+    deadline = time.monotonic() + timeout
     logs = []
+    timed_out = False
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
+            try:
+                logs.append(p.communicate(timeout=max(deadline - time.monotonic(), 0.1))[0])
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                p.kill()
+                logs.append(p.communicate()[0])  # what it printed before it was stopped
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    what = f"timed out after {timeout:.0f}s" if timed_out else f"exit codes {[p.returncode for p in procs]}"
+    assert not timed_out and [p.returncode for p in procs] == [0, 0], what + "\n" + "\n".join(
+        f"---- rank {r} ----\n{log}" for r, log in enumerate(logs))
 
 
 def run_job(script: str | Path, job: dict, job_dir: Path, *, timeout: float) -> list[dict]:
