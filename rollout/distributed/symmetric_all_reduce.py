@@ -49,6 +49,8 @@ class SymmetricAllReduce:
 
         group_name = group.group_name
         try:
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required by older torch, a no-op later
+                symm_mem.enable_symm_mem_for_group(group_name)
             with torch.cuda.device(device):
                 buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
                 symm_mem.rendezvous(buffer, group_name)
