@@ -164,13 +164,3 @@ def test_bad_setups_raise_typed_errors(tp_results, llama_dir):
 
 if __name__ == "__main__":
     _rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
-
-
-def test_symmetric_all_reduce_is_cuda_only(monkeypatch):
-    """On CPU (and when turned off) the model's all-reduces stay on the process group's
-    backend; the one-shot path itself runs in tests/gpu/test_two_gpus.py."""
-    from rollout.distributed.symmetric_all_reduce import SymmetricAllReduce
-
-    assert SymmetricAllReduce.create(object(), torch.device("cpu")) is None
-    monkeypatch.setenv("ROLLOUT_SYMM_ALL_REDUCE", "0")
-    assert SymmetricAllReduce.create(object(), torch.device("cuda", 0)) is None

@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
-class ModelGroup:
-    """What the model's layers communicate over: the tensor-parallel process group and,
-    where it applies, a faster all-reduce for small tensors (``SymmetricAllReduce``)."""
-
-    group: Any
-    small_all_reduce: Any = None
-
-
-def _process_group(group: Any) -> Any:
-    return group.group if isinstance(group, ModelGroup) else group
-
-
 def _group_size(group: Any) -> int:
-    group = _process_group(group)
     return 1 if group is None else dist.get_world_size(group)
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """The sum of ``x`` over ``group`` (a process group or a ``ModelGroup``); every rank
-    gets the same tensor. NCCL/gloo reduce in place; the small-tensor path returns a new one."""
+    """Sum ``x`` over ``group`` in place and return it (every rank gets the same tensor)."""
     if _group_size(group) == 1:
         return x
-    if isinstance(group, ModelGroup) and group.small_all_reduce is not None:
-        return group.small_all_reduce.all_reduce(x, group.group)
-    dist.all_reduce(x, group=_process_group(group))
+    dist.all_reduce(x, group=group)
     return x
 
 
@@ -45,7 +27,7 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, group: Any, dim: int = -1)
         return x
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x, group=_process_group(group))
+    dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
 
 

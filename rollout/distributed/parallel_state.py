@@ -13,7 +13,6 @@ from typing import Any
 
 import torch.distributed as dist
 
-from rollout.distributed.communication import ModelGroup
 from rollout.errors import InvalidRequestError
 
 
@@ -24,14 +23,6 @@ class ParallelConfig:
     tp_rank: int = 0
     dp_rank: int = 0
     dp_size: int = 1
-    small_all_reduce: Any = None  # a SymmetricAllReduce over tp_group (CUDA), or None
-
-    @property
-    def model_group(self) -> ModelGroup | None:
-        """What the model's layers communicate over (None for a group of one)."""
-        if self.tensor_parallel_size == 1:
-            return None
-        return ModelGroup(self.tp_group, self.small_all_reduce)
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tensor_parallel_size:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -13,7 +12,6 @@ import torch
 
 from rollout.config import CacheConfig, resolve_dtype
 from rollout.distributed import NoAgreementCheck, TPAgreementCheck, init_parallel, min_over_group
-from rollout.distributed.symmetric_all_reduce import SymmetricAllReduce
 from rollout.engine.input_processor import InputProcessor
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.llm_engine import LLMEngine, default_num_blocks
@@ -114,9 +112,6 @@ class LLM:
         self.parallel = None
         if tensor_parallel_size != 1 or tp_group is not None:
             self.parallel = init_parallel(tensor_parallel_size, tp_group)
-            if self.parallel.tensor_parallel_size > 1:
-                small = SymmetricAllReduce.create(self.parallel.tp_group, self.device)
-                self.parallel = dataclasses.replace(self.parallel, small_all_reduce=small)
         self.model = build_model(hf_config, self.dtype, self.device, source.architectures, self.parallel)
         weights_arena = move_params_into_arena(self.model, lambda n: self.platform.create_arena(n, self.device))
         if load_format == "dummy":  # random weights (benchmarks): no checkpoint is read

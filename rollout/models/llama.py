@@ -68,7 +68,7 @@ class DecoderAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         # Llama and Qwen3 put ``attention_bias`` on q/k/v/o; Qwen2 biases q/k/v only.
         o_bias = getattr(config, "attention_bias", False)
-        rank, group = parallel.tp_rank, parallel.model_group
+        rank, group = parallel.tp_rank, parallel.tp_group
         self.qkv_proj = QKVLinear(hidden, self.head_dim, num_heads, num_kv_heads, qkv_bias, dtype, rank, tp)
         self.o_proj = RowLinear(num_heads * self.head_dim, hidden, o_bias, dtype, rank, tp, group)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
@@ -100,7 +100,7 @@ class MLP(nn.Module):
         tp, rank = parallel.tensor_parallel_size, parallel.tp_rank
         _check_divisible("intermediate_size", inter, tp)
         self.gate_up_proj = ColumnLinear(config.hidden_size, (inter, inter), bias, dtype, rank, tp, shard_ids=(0, 1))
-        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype, rank, tp, parallel.model_group)
+        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype, rank, tp, parallel.tp_group)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(current_ops().silu_and_mul(self.gate_up_proj(h)))
@@ -135,7 +135,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(
             config.vocab_size, config.hidden_size, dtype, parallel.tp_rank, parallel.tensor_parallel_size,
-            parallel.model_group,
+            parallel.tp_group,
         )
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
@@ -173,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
         tied = getattr(config, "tie_word_embeddings", False)
         self.lm_head = LMHead(
             config.vocab_size, config.hidden_size, dtype, self.model.embed_tokens if tied else None,
-            parallel.tp_rank, parallel.tensor_parallel_size, parallel.model_group,
+            parallel.tp_rank, parallel.tensor_parallel_size, parallel.tp_group,
         )
 
     @property

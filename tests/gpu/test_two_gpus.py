@@ -70,7 +70,6 @@ def _tp_case(d: str, dev: str) -> dict:
         "seeded": _tokens(graphs.generate(PROMPTS, SEEDED)),
         "captured": graphs.engine.runner.graphs is not None,
         "kv_heads": graphs.engine.runner.kv_caches[0].shape[-2],
-        "symmetric_all_reduce": graphs.parallel.small_all_reduce is not None,
     }
     graphs.shutdown()  # graphs that captured NCCL collectives must go before the world does
     eager.shutdown()
@@ -161,58 +160,6 @@ def _broadcast_case(rank: int, d: str, new_dir: str, dev: str) -> dict:
     return res
 
 
-def _symmetric_all_reduce_case(rank: int, dev: str) -> dict:
-    """The one-shot all-reduce against the sum computed locally from both ranks' inputs and
-    against NCCL, bitwise (a sum of two is one correctly rounded add in any order), eager
-    and replayed from a CUDA graph; a tensor over its size limit goes to NCCL."""
-    import torch.distributed as dist
-
-    from rollout.distributed.symmetric_all_reduce import SymmetricAllReduce
-
-    device = torch.device(dev)
-    group = dist.new_group([0, 1])
-    ar = SymmetricAllReduce.create(group, device, max_bytes=2 << 20)
-    if ar is None:
-        return {"created": False}
-    res = {"created": True}
-    cases = {"b1_bf16": ((1, 4096), torch.bfloat16), "b64_bf16": ((64, 4096), torch.bfloat16),
-             "odd_fp32": ((3, 7), torch.float32), "full_bf16": ((256, 4096), torch.bfloat16),
-             "over_limit_bf16": ((300, 4096), torch.bfloat16)}
-
-    def inputs(shape, dtype, seed):
-        xs = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + r)).to(dtype) for r in (0, 1)]
-        return xs[rank].to(device), (xs[0].float() + xs[1].float()).to(dtype)
-
-    for name, (shape, dtype) in cases.items():
-        x, expected = inputs(shape, dtype, 10)
-        nccl = x.clone()
-        dist.all_reduce(nccl, group=group)
-        got = ar.all_reduce(x.clone(), group)
-        res[name] = {"applies": ar.applies(x), "equals_local_sum": torch.equal(got.cpu(), expected),
-                     "equals_nccl": torch.equal(got, nccl)}
-    # Captured once, replayed on new inputs written into the same buffer.
-    static = torch.zeros(64, 4096, dtype=torch.bfloat16, device=device)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        ar(static)  # warm-up outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            out = ar(static)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    replays = []
-    for seed in (20, 30):
-        x, expected = inputs((64, 4096), torch.bfloat16, seed)
-        static.copy_(x)
-        graph.replay()
-        replays.append(torch.equal(out.cpu(), expected))
-    res["graph_replays_equal"] = replays
-    graph.reset()
-    del ar
-    dist.destroy_process_group(group)
-    return res
-
-
 def _rank_main(rank: int, port: int, job_dir: str) -> None:
     with rank_job(rank, port, job_dir) as (job, res):
         # A job with backend gloo is a dry run of the same cases on CPU.
@@ -235,9 +182,6 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
         done("dp")
         res["broadcast"] = _broadcast_case(rank, job["llama"], job["llama_b"], dev)
         done("broadcast")
-        if job["backend"] == "nccl":
-            res["symmetric_all_reduce"] = _symmetric_all_reduce_case(rank, dev)
-            done("symmetric all-reduce")
 
 
 # ---- the pytest side ------------------------------------------------------------------------
@@ -266,7 +210,6 @@ def test_tp2_fp32_greedy_equals_cpu_with_and_without_graphs(results, refs, name)
     for r in results:
         tp = r[f"tp_{name}"]
         assert tp["captured"] and tp["kv_heads"] == 1
-        assert tp["symmetric_all_reduce"]  # the small all-reduces took the one-shot path
         assert tp["graphs"] == ref and tp["eager"] == ref
     assert results[0][f"tp_{name}"]["seeded"] == results[1][f"tp_{name}"]["seeded"]  # ranks agree
     assert results[0][f"tp_{name}"]["seeded"] != ref
@@ -307,14 +250,3 @@ def test_nccl_broadcast_into_update_weights(results, refs):
 
 if __name__ == "__main__":
     _rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
-
-
-def test_symmetric_all_reduce_equals_the_sum_and_nccl(results):
-    for r in results:
-        res = r["symmetric_all_reduce"]
-        assert res["created"], res
-        for name in ("b1_bf16", "b64_bf16", "odd_fp32", "full_bf16", "over_limit_bf16"):
-            c = res[name]
-            assert c["applies"] == (name != "over_limit_bf16"), (name, c)
-            assert c["equals_local_sum"] and c["equals_nccl"], (name, c)
-        assert res["graph_replays_equal"] == [True, True], res
