@@ -16,7 +16,9 @@ from rollout.kernels.rotary import rotary_ref
 class Ops:
     name: str
     rms_norm: Callable  # (x, weight, eps, residual=None) -> out | (out, residual)
-    rotary: Callable  # (positions, q, k, cos_sin_cache) -> (q, k)
+    # (positions, q, k, cos_sin_cache, q_norm_weight=None, k_norm_weight=None, eps) -> (q, k):
+    # with norm weights, every q and k head is RMS-normalised first (Qwen3), in the same pass.
+    rotary: Callable
     silu_and_mul: Callable  # (x [T, 2d]) -> [T, d]
     # One-pass sampling for steps with no filter (temperature only): (logits, temperature,
     # noise, seed=None) -> (token ids, logprobs); None: the sampler's torch path does everything.

@@ -215,6 +215,32 @@ def test_rotary(dtype, num_heads, num_kv_heads, head_dim, pos_dtype):
     assert torch.equal(qkv, qkv_before)
 
 
+@interpreted
+@_DTYPES
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (3, 1, 80)], ids=["gqa", "odd"])
+def test_rotary_with_qk_norm(dtype, num_heads, num_kv_heads, head_dim):
+    """Qwen3's per-head q/k RMSNorm fused before the rotation, on strided q/k views."""
+    rope = RotaryEmbedding(head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"})
+    gen = _gen(7 + head_dim)
+    positions = torch.tensor([5, 0, 63, 5, 17])
+    num_tokens = positions.numel()
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(gen, num_tokens, q_size + 2 * kv_size, dtype=dtype) * 3
+    qkv[1] = 0  # an all-zero head: the norm's eps alone
+    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    wq, wk = (1 + _randn(gen, head_dim, dtype=dtype) / 4 for _ in range(2))
+    qkv_before = qkv.clone()
+    got = triton_rotary.rotary(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
+    want = rotary_ref(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
+    for g, w in zip(got, want):
+        _assert_matches(g, w)
+    assert torch.equal(qkv, qkv_before)
+    # The reference is the layer's old path: RMSNorm of each head, then the rotation.
+    normed = rotary_ref(positions, rms_norm_ref(q, wq, 1e-6), rms_norm_ref(k, wk, 1e-6), rope.cos_sin_cache)
+    assert all(torch.equal(a, b) for a, b in zip(want, normed))
+
+
 # ---------------------------------------------------------------------------------------
 # SiLU-and-mul
 # ---------------------------------------------------------------------------------------
@@ -422,6 +448,25 @@ def test_gpu_rotary_real_shape(dtype):
     want = rotary_ref(positions, q, k, rope.cos_sin_cache)
     for g, w in zip(got, want):
         _assert_matches(g, w, max_ulps=0)  # fp32: may contract into FMAs (close)
+
+
+@gpu
+@needs_cuda
+@_DTYPES
+def test_gpu_rotary_with_qk_norm_real_shape(dtype):
+    num_heads, num_kv_heads, head_dim, max_positions = 32, 8, 128, 8192
+    rope = RotaryEmbedding(head_dim, max_positions, {"rope_theta": 1e6, "rope_type": "default"}).cuda()
+    gen = _gen(2, "cuda")
+    positions = torch.randint(0, max_positions, (NUM_ROWS,), generator=gen, device="cuda")
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(gen, NUM_ROWS, q_size + 2 * kv_size, dtype=dtype, device="cuda")
+    q = qkv[:, :q_size].view(NUM_ROWS, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(NUM_ROWS, num_kv_heads, head_dim)
+    wq, wk = (1 + _randn(gen, head_dim, dtype=dtype, device="cuda") / 4 for _ in range(2))
+    got = triton_rotary.rotary(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
+    want = rotary_ref(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
+    for g, w in zip(got, want):
+        _assert_matches(g, w)
 
 
 @gpu

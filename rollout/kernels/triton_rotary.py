@@ -4,7 +4,12 @@ Rounding follows the reference step by step: cos/sin are rounded to the activati
 each product ``x * cos`` and ``x * sin`` is rounded to it, then their sum is (through
 ``round_as``, so the compiler cannot fuse a product into an FMA). In bf16 and fp16 that
 gives the reference's bits (fp32 products of two half-precision values are exact); in
-fp32 the compiler may contract into FMAs, a last-bit difference."""
+fp32 the compiler may contract into FMAs, a last-bit difference.
+
+With norm weights (Qwen3's q_norm / k_norm) each head is RMS-normalised in the same pass,
+rounded as ``rms_norm_ref`` rounds: one kernel where the layer ran a copy of the strided q
+and k, two norms and the rotation. Its fp32 sum of squares may differ from torch's in the
+last bits (reduction order), so normalised outputs match to two ulps, not bitwise."""
 
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ def _rotate_heads(
     x_head_stride,
     num_heads,
     half,
+    norm_weight_ptr,  # [2 * half]; read only if NORM
+    eps,
+    NORM: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
@@ -36,6 +44,14 @@ def _rotate_heads(
     src = x_ptr + token * x_token_stride + heads * x_head_stride + dims
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    if NORM:  # as rms_norm_ref per head: normalise in fp32, round, scale by the weight, round
+        mean_sq = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half)
+        inv = tl.rsqrt(mean_sq + eps)[:, None]  # [BLOCK_HEADS, 1]
+        w_mask = dims < half
+        w1 = tl.load(norm_weight_ptr + dims, mask=w_mask, other=0.0).to(tl.float32)
+        w2 = tl.load(norm_weight_ptr + half + dims, mask=w_mask, other=0.0).to(tl.float32)
+        x1 = round_as(w1 * round_as(x1 * inv, dtype), dtype)
+        x2 = round_as(w2 * round_as(x2 * inv, dtype), dtype)
     out1 = round_as(x1 * cos, dtype) - round_as(x2 * sin, dtype)
     out2 = round_as(x2 * cos, dtype) + round_as(x1 * sin, dtype)
     dst = out_ptr + token * num_heads * 2 * half + heads * 2 * half + dims
@@ -58,6 +74,10 @@ def _rotary_kernel(
     num_heads,
     num_kv_heads,
     half,  # head_dim // 2
+    q_norm_ptr,  # [head_dim]; read only if NORM
+    k_norm_ptr,
+    eps,
+    NORM: tl.constexpr,  # RMSNorm every q and k head before rotating it
     BLOCK_Q_HEADS: tl.constexpr,
     BLOCK_K_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -73,9 +93,9 @@ def _rotary_kernel(
     cos = round_as(cos, dtype)
     sin = round_as(sin, dtype)
     _rotate_heads(q_ptr, q_out_ptr, token, cos, sin, q_token_stride, q_head_stride,
-                  num_heads, half, BLOCK_Q_HEADS, BLOCK_HALF)
+                  num_heads, half, q_norm_ptr, eps, NORM, BLOCK_Q_HEADS, BLOCK_HALF)
     _rotate_heads(k_ptr, k_out_ptr, token, cos, sin, k_token_stride, k_head_stride,
-                  num_kv_heads, half, BLOCK_K_HEADS, BLOCK_HALF)
+                  num_kv_heads, half, k_norm_ptr, eps, NORM, BLOCK_K_HEADS, BLOCK_HALF)
 
 
 def rotary(
@@ -83,8 +103,13 @@ def rotary(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] fp32: cos | sin halves
+    q_norm_weight: torch.Tensor | None = None,  # [head_dim]: RMSNorm each query head first
+    k_norm_weight: torch.Tensor | None = None,  # [head_dim]: RMSNorm each key head first
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated ``(query, key)`` as new contiguous tensors; the inputs are left untouched.
+    With both norm weights (in the activation dtype), each head is RMS-normalised first,
+    as ``rotary_ref`` does.
 
     ``query``/``key`` may be strided views (e.g. slices of a fused QKV output) as long as
     their last dim is contiguous. Positions must lie in ``[0, max_positions)``: they are
@@ -99,6 +124,11 @@ def rotary(
     if key.stride(-1) != 1:
         key = key.contiguous()
     cos_sin_cache = cos_sin_cache.contiguous()
+    norm = q_norm_weight is not None
+    assert norm == (k_norm_weight is not None), "both norm weights or neither"
+    if norm:
+        for w in (q_norm_weight, k_norm_weight):
+            assert w.shape == (head_dim,) and w.dtype == query.dtype and w.is_contiguous(), (w.shape, w.dtype)
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if num_tokens == 0:
@@ -111,6 +141,8 @@ def rotary(
         positions, query, key, cos_sin_cache, q_out, k_out,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         num_heads, num_kv_heads, half,
+        q_norm_weight if norm else cos_sin_cache, k_norm_weight if norm else cos_sin_cache, eps,
+        NORM=norm,
         BLOCK_Q_HEADS=block_q_heads,
         BLOCK_K_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=block_half,

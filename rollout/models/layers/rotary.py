@@ -59,5 +59,11 @@ class RotaryEmbedding(nn.Module):
         # [max_positions, head_dim]: cos | sin; a buffer so it follows the module's device.
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return current_ops().rotary(positions, q, k, self.cos_sin_cache)
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: Any = None, k_norm: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k); with ``q_norm``/``k_norm`` (RMSNorm modules over head_dim) each
+        head is normalised first, fused into the same kernel."""
+        if q_norm is None:
+            return current_ops().rotary(positions, q, k, self.cos_sin_cache)
+        return current_ops().rotary(positions, q, k, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps)
