@@ -150,7 +150,7 @@ def _sample_tokens_combine_kernel(
     num_reqs,
     num_splits,
     greedy_eps,
-    BLOCK_S: tl.constexpr,  # >= num_splits, a power of two
+    BLOCK_S: tl.constexpr,  # >= num_splits, a power of two (fixed per vocab size)
 ):
     row = tl.program_id(0).to(tl.int64)
     temperature = tl.load(temperature_ptr + row)
@@ -234,7 +234,10 @@ def sample_tokens(
     if not final:
         _sample_tokens_combine_kernel[(num_reqs,)](
             partial, partial_idx, temperature, token_ids, logprobs, num_reqs, num_splits, GREEDY_EPS,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            # Sized for the most splits the vocab allows, not this step's count: one compiled
+            # variant serves every batch size instead of one per power of two as the batch
+            # shrinks (each compiled mid-rollout on a cold cache).
+            BLOCK_S=triton.next_power_of_2(num_blocks),
             num_warps=1,
         )
     return token_ids, logprobs
