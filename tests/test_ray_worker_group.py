@@ -156,6 +156,15 @@ def test_tensor_parallel_group_is_one_replica(ray_cluster, a_dir):
     assert _tokens(got) == _tokens(as_plain(greedy(make_llm(a_dir), SPLIT_PROMPTS)))
 
 
+def test_shutdown_closes_each_worker_before_the_world(ray_cluster, a_dir, tmp_path):
+    marker = tmp_path / "closed"
+    with WorkerGroup(_config(), EngineWorker, args=(str(a_dir),), kwargs={"closed_marker": str(marker)}) as g:
+        assert len(g.call("seen_prompts")) == 2
+    for rank in (0, 1):
+        text = (tmp_path / f"closed.{rank}").read_text()
+        assert "world_up=True" in text and "'device': 0" in text, text
+
+
 @pytest.mark.slow
 def test_a_killed_worker_fails_the_call_within_the_timeout(ray_cluster, a_dir):
     g = WorkerGroup(_config(), EngineWorker, args=(str(a_dir),))

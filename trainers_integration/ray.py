@@ -160,7 +160,10 @@ class WorkerGroup:
 
     Needs ``ray.init()`` first (local, or ``address=`` of a cluster). Use as a context
     manager, or call ``shutdown``; building fails with the rank named when a worker cannot
-    be built, and then leaves nothing behind.
+    be built, and then leaves nothing behind. ``shutdown`` calls each worker's ``close()``,
+    if it has one, before destroying the world: a worker holding an ``LLM`` shuts it down
+    there (``llm.shutdown()``), as NCCL cannot destroy a world whose all-reduces live on in
+    the engine's CUDA graphs.
     """
 
     def __init__(self, config: WorkerGroupConfig, worker_factory: Callable[..., Any],
@@ -230,7 +233,7 @@ class WorkerGroup:
         return one_per_replica(per_rank, self.config.tensor_parallel_size)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Close the workers (destroy the process group) when the group is healthy and
+        """Close the workers (each worker's ``close()``, then the process group) when the group is healthy and
         idle, waiting at most ``timeout_s``; then kill every actor and free the placement
         group. A broken or interrupted group is killed at once. Idempotent."""
         ray = self._ray

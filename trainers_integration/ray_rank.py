@@ -89,9 +89,16 @@ class RankActor:
     def close(self) -> None:
         import torch.distributed as dist
 
-        self._worker = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        worker, self._worker = self._worker, None
+        try:
+            # The worker's own close first: an engine holding CUDA graphs of NCCL
+            # all-reduces must shut down before the world is destroyed, or the destroy hangs.
+            close = getattr(worker, "close", None)
+            if callable(close):
+                close()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     def _setup(self, env, loopback, backend, timeout_s, factory, args, kwargs) -> None:
         import torch.distributed as dist

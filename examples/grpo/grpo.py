@@ -46,6 +46,7 @@ def main() -> None:
     finally:
         if log:
             log.close()
+        worker.close()  # before the world goes: graphs holding NCCL work block its destroy
     if distributed:
         dist.destroy_process_group()
 

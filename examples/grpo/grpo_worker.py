@@ -79,6 +79,11 @@ class GRPOWorker:
         _, self.dp_size = dp_rank_and_size(self.llm.parallel)
         self.params = SamplingParams(n=args.group_size, temperature=1.0, max_tokens=args.max_tokens, logprobs=0)
 
+    def close(self) -> None:
+        """Shut the engine down (a Ray WorkerGroup calls this before destroying the world;
+        the torchrun script does too): its CUDA graphs must not outlive the NCCL world."""
+        self.llm.shutdown()
+
     def step(self, step: int) -> dict[str, Any]:
         """One GRPO step on this rank's share; returns its metrics (plain numbers)."""
         args = self.args

@@ -282,6 +282,7 @@ def main() -> None:
                         csv.write(",".join(columns) + "\n")
                     csv.write(",".join(str(merged[k]) for k in columns) + "\n")
                     csv.flush()
+    llm.shutdown()  # before the world goes: graphs holding NCCL work block its destroy
     if distributed:
         dist.destroy_process_group()
 

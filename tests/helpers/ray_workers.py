@@ -22,10 +22,19 @@ class EngineWorker:
     """One rank: a tiny engine from ``model_dir`` (TP ``tensor_parallel_size`` over the
     group's world), asleep between rollouts like a colocated trainer's."""
 
-    def __init__(self, model_dir: str, tensor_parallel_size: int = 1) -> None:
+    def __init__(self, model_dir: str, tensor_parallel_size: int = 1, closed_marker: str | None = None) -> None:
         self.rank = dist.get_rank()
         self.llm = make_llm(model_dir, tensor_parallel_size=tensor_parallel_size)
         self.seen: list = []
+        self.closed_marker = closed_marker
+
+    def close(self) -> None:
+        """Called by the group's shutdown before the world goes; leaves a file per rank
+        saying the engine was shut down while the world was still up."""
+        self.llm.shutdown()
+        if self.closed_marker:
+            with open(f"{self.closed_marker}.{self.rank}", "w") as f:
+                f.write(f"{self.llm.memory_usage()} world_up={dist.is_initialized()}")
 
     def info(self) -> dict:
         """What the group set up: the world, the environment, one all-reduce over it."""
