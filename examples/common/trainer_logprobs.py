@@ -44,8 +44,9 @@ def sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], micro_batc
             yield lo, torch.stack(rows), mask
 
 
-def padded(rows: list[list[float]], width: int) -> torch.Tensor:
-    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
+def padded(rows: list[list[float]], width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``rows`` right-padded with zeros to ``width``: [len(rows), width] fp32 on ``device``."""
+    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32, device=device)
 
 
 class MismatchMeter:

@@ -135,7 +135,7 @@ class GRPOWorker:
                 ref_lps[lo] = lp
         for lo, lp, mask in sequence_logprobs(model, seqs, args.micro_batch, grad=True):
             rows = slice(lo, lo + lp.shape[0])
-            old = padded(old_lp[rows], lp.shape[1]).to(self.device)
+            old = padded(old_lp[rows], lp.shape[1], self.device)
             a = adv[rows, None]
             meter.add(lp, old, mask)  # rollout vs trainer on the sampled tokens
             ratio = torch.exp(lp - old)

@@ -139,12 +139,12 @@ def prepare(model, head, ref, seqs, old_lp, scores, args, distributed) -> tuple[
     meter = MismatchMeter()
     values, masks, ref_rows = [], [], []
     for lo, lp, mask, hidden in sequence_logprobs(model, seqs, args.micro_batch, grad=False, hidden=True):
-        meter.add(lp, padded(old_lp[lo : lo + lp.shape[0]], lp.shape[1]).to(device), mask)
+        meter.add(lp, padded(old_lp[lo : lo + lp.shape[0]], lp.shape[1], device), mask)
         values.append(head(hidden).squeeze(-1) * mask)
         masks.append(mask)
     if ref is not None:
         ref_rows = [lp for _, lp, _ in sequence_logprobs(ref, seqs, args.micro_batch, grad=False)]
-    batch = {"old_lp": padded(old_lp, width).to(device), "values": to_padded(values, width),
+    batch = {"old_lp": padded(old_lp, width, device), "values": to_padded(values, width),
              "mask": to_padded(masks, width)}
     kl = None
     if ref is not None:
