@@ -21,12 +21,16 @@ def test_shutdown_aborts_requests_and_releases_memory(a_dir):
     streamed = []
     for _ in range(3):
         streamed += llm.step()
-    llm.shutdown()
+    aborted = llm.shutdown()
     assert llm.memory_usage() == {"weights": {"device": 0, "host": 0}, "kv_cache": {"device": 0, "host": 0}}
     assert not llm.has_unfinished_requests()
     assert llm.engine.runner.graphs is None
-    # The aborted request's final output is kept for the request API's caller.
-    assert rid not in llm.engine.outputs.parents
+    # The aborted request's final output goes to the caller: the tokens it had, "abort".
+    (final,) = aborted
+    assert final.request_id == rid and final.finished and final.outputs[0].finish_reason == "abort"
+    assert streamed and streamed[-1].outputs[0].token_ids == final.outputs[0].token_ids[: len(streamed[-1].outputs[0].token_ids)]
+    assert 0 < len(final.outputs[0].token_ids) < LONG.max_tokens
+    assert llm.shutdown() == []
 
 
 def test_shutdown_ends_an_async_stream_with_abort(a_dir):

@@ -157,27 +157,28 @@ class LLM:
         )
 
     # ---- lifetime -----------------------------------------------------------------------
-    def shutdown(self) -> None:
+    def shutdown(self) -> list[RequestOutput]:
         """Release everything the engine holds on the device: unfinished requests are
-        aborted (their streams get their final outputs), the CUDA graphs are freed, the KV
-        cache and the weights are released. Every later call but ``shutdown``/``sleep``
-        (no-ops) raises ``EngineStateError``. ``with LLM(...) as llm:`` calls it on exit.
+        aborted, the CUDA graphs are freed, the KV cache and the weights are released.
+        Returns the final outputs of the requests it aborted, as ``abort`` does (streams get
+        theirs too). Every later call but ``shutdown``/``sleep`` (no-ops) raises
+        ``EngineStateError``. ``with LLM(...) as llm:`` calls it on exit.
 
         Under tensor parallelism over NCCL call it on every rank before
         ``torch.distributed.destroy_process_group()``: NCCL cannot tear down a communicator
         while CUDA graphs that captured its collectives are alive, and the destroy hangs."""
         if self._shut_down:
-            return
+            return []
         unfinished = list(self.engine.outputs.parents)
-        if unfinished:
-            self._frontend.abort(unfinished)
+        aborted = self._frontend.abort(unfinished) if unfinished else []
         self.engine.flush()
         self.engine.runner.release_cuda_graphs()
         self.memory.close()
         self._updater.discard()
         self.platform.release_cached_memory(self.device)
         self._shut_down = True
-        logger.info("rollout LLM shut down")
+        logger.info("rollout LLM shut down (%d unfinished requests aborted)", len(aborted))
+        return aborted
 
     def __enter__(self) -> LLM:
         return self
