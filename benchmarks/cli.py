@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import decode_step, dist, nano_bench, peer, rl_cycle, rollout_long, roofline
+from benchmarks import decode_step, dist, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline
 from benchmarks.common import ROOT, Options, env_info
 from benchmarks.configs import MODELS, summary
 
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="decode-step: ranks of one model, under torchrun --nproc-per-node (a multiple of it)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="decode-step: profile this many more steps per batch (kernel time by category)")
     a = p.parse_args(argv)
     workload, peer_workload = a.workload, a.peer_workload
     if a.peer:
@@ -84,6 +86,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
         kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
         enforce_eager=a.enforce_eager, peer_workload=peer_workload,
         batches=tuple(int(b) for b in a.batches.split(",")), tensor_parallel_size=k,
+        profile_steps=a.profile_steps,
     )
     return workload, opts, a.out
 
@@ -108,6 +111,9 @@ def print_table(record: dict[str, Any]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    for r in record["rows"]:
+        if "profile" in r:
+            print(f"B={r['batch']} profile: {kernel_profile.summary_line(r['profile'])}")
     hw = record["hardware"]
     print(f"roofline: copy {hw['copy_GBps']:.0f} GB/s, matmul {hw['matmul_TFLOPs']:.1f} TFLOP/s; "
           f"fraction of roofline {_fractions(record['roofline_fraction'])}")

@@ -36,12 +36,16 @@ class Options:
     batches: tuple[int, ...] = (1, 64, 256)  # decode-step batch sizes (before scaling)
     # Ranks of one model; > 1 runs under torchrun, in a world of a multiple of it (dist.py).
     tensor_parallel_size: int = 1
+    # decode-step: steps profiled per batch after the timed loop (kernel_profile.py); 0: none.
+    profile_steps: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 1:
             raise ValueError(f"scale must be in (0, 1], got {self.scale}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.profile_steps < 0:
+            raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
 
     @property
     def torch_device(self) -> torch.device:

@@ -14,6 +14,8 @@ decode step of the whole batch (checked: B tokens per step, no preemption). Repo
   the forward is replayed from a CUDA graph; ``--enforce-eager`` shows the eager split.
 - ``roofline_ms`` and ``roofline_fraction`` = roofline_ms / step_ms (see roofline.py), with
   the mean context actually attended (prefill steps interleave decodes of early requests).
+- with ``--profile-steps N``: ``profile``, N more steps under the torch profiler, kernel
+  time per step by category (kernel_profile.py); not part of the timings above.
 
 Tensor parallelism (``--tensor-parallel-size K`` under ``torchrun``, see dist.py): every
 rank builds its shard and runs the same loop on the same requests (the prompts come from
@@ -30,7 +32,7 @@ import random
 import time
 from typing import Any
 
-from benchmarks import roofline
+from benchmarks import kernel_profile, roofline
 from benchmarks.common import ForwardTimer, GcWatch, Options, build_llm, dispose, median, now, scaled
 from benchmarks.configs import hf_config
 from benchmarks.dist import check_same_on_all_ranks, gather, world_size
@@ -55,7 +57,8 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
                     block_size=block_size, num_kv_blocks=max(batches) * blocks_per_seq + 8)
     stats = roofline.ModelStats.from_model(llm.model, llm.hf_config, opts.tensor_parallel_size)
     vocab = hf_config(model).vocab_size
-    rows = [_one_batch(llm, b, context, steps, vocab, stats, hw, random.Random(opts.seed + b)) for b in batches]
+    rows = [_one_batch(llm, b, context, steps, vocab, stats, hw, random.Random(opts.seed + b), opts.profile_steps)
+            for b in batches]
     dispose(llm)
     world = world_size()
     if world > 1:  # after every timed loop: gather is a collective
@@ -70,8 +73,9 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
     }
 
 
+
 def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roofline.ModelStats,
-               hw: roofline.Hardware, rng: random.Random) -> dict[str, Any]:
+               hw: roofline.Hardware, rng: random.Random, profile_steps: int = 0) -> dict[str, Any]:
     device = llm.device
     # FINAL_ONLY, as generate: a step builds no outputs for requests still running.
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=llm.max_model_len - (context - 1),
@@ -105,6 +109,7 @@ def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roo
     steady = sum(r.num_output_tokens for r in reqs) - tokens_before == batch * steps and all(
         r.num_preemptions == 0 for r in reqs
     )
+    prof = kernel_profile.profile_steps(llm.step, profile_steps, device) if profile_steps else None
     llm.abort(req_ids)
     step_ms = loop_ms / steps
     mean_context = total_context + batch * (steps - 1) / 2
@@ -123,4 +128,5 @@ def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roo
         "steady": steady,
         "call_ms_all": walls,
         "gc": gc_watch.to_json(),
+        **({"profile": prof} if prof is not None else {}),
     }

@@ -89,3 +89,38 @@ def test_workload_smoke(workload, tmp_path):
         assert all(r["steady"] for r in rec["rows"])
     if workload == "nano-bench":
         assert rec["rows"][0]["output_tokens"] == rec["detail"]["expected_output_tokens"]
+
+
+def test_kernel_categories_of_real_gpu_kernel_names():
+    """Names as the torch profiler reported them on an H100 (prof_tp*.json, session 4)."""
+    from benchmarks.kernel_profile import category
+
+    assert category("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT") == "gemm"
+    assert category("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16") == "gemm"
+    assert category("_paged_attention_kernel") == "attention"
+    assert category("_combine_splits_kernel") == "attention_combine"
+    assert category("_rms_norm_kernel") == "norm"
+    assert category("_rotary_kernel") == "rotary"
+    assert category("_write_kv_kernel") == "kv_write"
+    assert category("_silu_and_mul_kernel") == "activation"
+    assert category("_sample_tokens_kernel") == "sampling"
+    assert category("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)") == "all_gather"
+    assert category("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "all_reduce"
+    assert category("Memcpy DtoD (Device -> Device)") == "copy_elementwise"
+    assert category("void at::native::(anonymous namespace)::indexSelectSmallIndex<c10::BFl") == "other"
+
+
+def test_decode_step_profile_steps(tmp_path):
+    """--profile-steps adds each batch's kernel profile (on CPU: operators' self time),
+    its categories adding up to the busy time, without touching the timed fields."""
+    from benchmarks.cli import main
+
+    out = tmp_path / "ds.json"
+    assert main(["decode-step", "--model", "tiny", "--device", "cpu", "--scale", "0.01",
+                 "--profile-steps", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        p = r["profile"]
+        assert p["steps"] == 2 and p["busy_ms"] > 0 and p["launches"] > 0 and r["steady"]
+        assert abs(sum(c["ms"] for c in p["by_category"].values()) - p["busy_ms"]) < 1e-2
+        assert p["by_category"]["gemm"]["ms"] > 0 and p["top"]
