@@ -23,6 +23,7 @@ def _triton_backend() -> AttentionBackend:
     """Triton kernels (GPU). Imported on first use: installs without triton still import us."""
     try:
         from rollout.kernels.triton_attention import paged_attention, write_kv
+        from rollout.kernels.triton_rotary import rotary_write_kv
     except ImportError as e:
         raise PlatformError(f"attention backend 'triton' needs triton: {e}") from e
 
@@ -32,7 +33,7 @@ def _triton_backend() -> AttentionBackend:
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
         )
 
-    return AttentionBackend("triton", write_kv, attention)
+    return AttentionBackend("triton", write_kv, attention, rotary_write_kv)
 
 
 _BACKENDS = {
@@ -43,7 +44,8 @@ _BACKENDS = {
 }
 # Backends whose kernels need an optional package: built on first use.
 _LAZY_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
-    # One Triton launch per step over prefill chunks and decodes; write_kv skips slot < 0.
+    # One Triton launch per step over prefill chunks and decodes; write_kv skips slot < 0;
+    # the K/V write rides in the rotary kernel.
     "triton": _triton_backend,
 }
 

@@ -37,6 +37,10 @@ class AttentionBackend:
     name: str
     write_kv: Callable[..., None]
     attention: Callable[..., torch.Tensor]  # (q, kv_cache, AttentionMetadata, scale) -> out
+    # Optional: rotary embedding (after an optional per-head q/k RMSNorm) and the K/V write
+    # in one kernel: (positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping, q_norm_weight,
+    # k_norm_weight, eps) -> rotated q. None: the layer rotates, then ``write_kv``.
+    rotary_write_kv: Callable[..., torch.Tensor] | None = None
 
 
 @dataclass

@@ -241,6 +241,39 @@ def test_rotary_with_qk_norm(dtype, num_heads, num_kv_heads, head_dim):
     assert all(torch.equal(a, b) for a, b in zip(want, normed))
 
 
+def _check_rotary_write_kv(dtype, num_heads, num_kv_heads, head_dim, norm, device="cpu"):
+    """The fused rotary + cache write equals ``rotary`` then ``write_kv`` bitwise: the same
+    query, the same cache bytes (a negative slot writes nothing), on strided QKV views."""
+    from rollout.kernels.triton_attention import write_kv
+
+    num_tokens, num_blocks, block_size = 6, 5, 4
+    rope = RotaryEmbedding(head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"}).to(device)
+    gen = _gen(11 + head_dim, device)
+    positions = torch.tensor([5, 0, 63, 5, 17, 2], device=device)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(gen, num_tokens, q_size + 2 * kv_size, dtype=dtype, device=device)
+    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
+    weights = [1 + _randn(gen, head_dim, dtype=dtype, device=device) / 4 for _ in range(2)] if norm else [None, None]
+    slots = torch.tensor([3, 17, -1, 0, 19, 8], device=device)  # shuffled, one skipped
+    cache = _randn(gen, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    want_cache = cache.clone()
+    want_q, k_rot = triton_rotary.rotary(positions, q, k, rope.cos_sin_cache, *weights, 1e-6)
+    write_kv(k_rot, v, want_cache, slots)
+    got_q = triton_rotary.rotary_write_kv(positions, q, k, v, rope.cos_sin_cache, cache, slots, *weights, 1e-6)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(cache.view(torch.uint8), want_cache.view(torch.uint8))
+
+
+@interpreted
+@_DTYPES
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (3, 1, 80)], ids=["gqa", "odd"])
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "qk_norm"])
+def test_rotary_write_kv(dtype, num_heads, num_kv_heads, head_dim, norm):
+    _check_rotary_write_kv(dtype, num_heads, num_kv_heads, head_dim, norm)
+
+
 # ---------------------------------------------------------------------------------------
 # SiLU-and-mul
 # ---------------------------------------------------------------------------------------
@@ -467,6 +500,14 @@ def test_gpu_rotary_with_qk_norm_real_shape(dtype):
     want = rotary_ref(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
     for g, w in zip(got, want):
         _assert_matches(g, w)
+
+
+@gpu
+@needs_cuda
+@_DTYPES
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "qk_norm"])
+def test_gpu_rotary_write_kv(dtype, norm):
+    _check_rotary_write_kv(dtype, 32, 8, 128, norm, device="cuda")
 
 
 @gpu

@@ -23,16 +23,18 @@ from rollout.kernels.triton_utils import round_as
 @triton.jit
 def _rotate_heads(
     x_ptr,  # [num_tokens, num_heads, head_dim] (strided)
-    out_ptr,  # [num_tokens, num_heads, head_dim] contiguous
+    dst_ptr,  # this token's first head in the destination
     token,
     cos,  # [1, BLOCK_HALF] fp32, already rounded to the activation dtype
     sin,  # [1, BLOCK_HALF]
     x_token_stride,
     x_head_stride,
+    dst_head_stride,
     num_heads,
     half,
     norm_weight_ptr,  # [2 * half]; read only if NORM
     eps,
+    slot,  # int: < 0 skips the stores (a KV slot of CUDA-graph padding); 0 for no cache
     NORM: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -40,7 +42,7 @@ def _rotate_heads(
     heads = tl.arange(0, BLOCK_HEADS)[:, None]  # [BLOCK_HEADS, 1]
     dims = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
     mask = (heads < num_heads) & (dims < half)
-    dtype = out_ptr.dtype.element_ty
+    dtype = dst_ptr.dtype.element_ty
     src = x_ptr + token * x_token_stride + heads * x_head_stride + dims
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
@@ -54,7 +56,8 @@ def _rotate_heads(
         x2 = round_as(w2 * round_as(x2 * inv, dtype), dtype)
     out1 = round_as(x1 * cos, dtype) - round_as(x2 * sin, dtype)
     out2 = round_as(x2 * cos, dtype) + round_as(x1 * sin, dtype)
-    dst = out_ptr + token * num_heads * 2 * half + heads * 2 * half + dims
+    dst = dst_ptr + heads * dst_head_stride + dims
+    mask = mask & (heads * 0 + slot >= 0)  # a block, not a scalar: the interpreter needs it
     tl.store(dst, round_as(out1, dtype).to(dtype), mask=mask)
     tl.store(dst + half, round_as(out2, dtype).to(dtype), mask=mask)
 
@@ -66,7 +69,7 @@ def _rotary_kernel(
     k_ptr,  # [num_tokens, num_kv_heads, head_dim]
     cos_sin_ptr,  # [max_positions, head_dim] fp32: cos | sin halves, contiguous
     q_out_ptr,  # [num_tokens, num_heads, head_dim] contiguous
-    k_out_ptr,  # [num_tokens, num_kv_heads, head_dim] contiguous
+    k_out_ptr,  # [num_tokens, num_kv_heads, head_dim] contiguous; unused if WRITE_KV
     q_token_stride,
     q_head_stride,
     k_token_stride,
@@ -77,6 +80,17 @@ def _rotary_kernel(
     q_norm_ptr,  # [head_dim]; read only if NORM
     k_norm_ptr,
     eps,
+    # WRITE_KV only: the rotated key and the value go to their slot of the paged cache.
+    v_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    slot_mapping_ptr,  # [num_tokens] int64; < 0: write nothing (CUDA-graph padding)
+    v_token_stride,
+    v_head_stride,
+    stride_k_block, stride_k_slot, stride_k_head,
+    stride_v_block, stride_v_slot, stride_v_head,
+    PAGE_SIZE: tl.constexpr,
+    WRITE_KV: tl.constexpr,
     NORM: tl.constexpr,  # RMSNorm every q and k head before rotating it
     BLOCK_Q_HEADS: tl.constexpr,
     BLOCK_K_HEADS: tl.constexpr,
@@ -92,10 +106,29 @@ def _rotary_kernel(
     sin = tl.load(cos_sin_ptr + pos * 2 * half + half + dims, mask=dim_mask, other=0.0)
     cos = round_as(cos, dtype)
     sin = round_as(sin, dtype)
-    _rotate_heads(q_ptr, q_out_ptr, token, cos, sin, q_token_stride, q_head_stride,
-                  num_heads, half, q_norm_ptr, eps, NORM, BLOCK_Q_HEADS, BLOCK_HALF)
-    _rotate_heads(k_ptr, k_out_ptr, token, cos, sin, k_token_stride, k_head_stride,
-                  num_kv_heads, half, k_norm_ptr, eps, NORM, BLOCK_K_HEADS, BLOCK_HALF)
+    _rotate_heads(q_ptr, q_out_ptr + token * num_heads * 2 * half, token, cos, sin, q_token_stride, q_head_stride,
+                  2 * half, num_heads, half, q_norm_ptr, eps, 0, NORM, BLOCK_Q_HEADS, BLOCK_HALF)
+    if WRITE_KV:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        block_id = tl.maximum(slot, 0) // PAGE_SIZE
+        in_page = tl.maximum(slot, 0) % PAGE_SIZE
+        _rotate_heads(k_ptr, k_cache_ptr + block_id * stride_k_block + in_page * stride_k_slot, token, cos, sin,
+                      k_token_stride, k_head_stride, stride_k_head, num_kv_heads, half, k_norm_ptr, eps, slot,
+                      NORM, BLOCK_K_HEADS, BLOCK_HALF)
+        heads = tl.arange(0, BLOCK_K_HEADS)[:, None]
+        mask = (heads < num_kv_heads) & dim_mask
+        valid = mask & (heads * 0 + slot >= 0)
+        src = v_ptr + token * v_token_stride + heads * v_head_stride + dims
+        dst = v_cache_ptr + block_id * stride_v_block + in_page * stride_v_slot + heads * stride_v_head + dims
+        cache_dtype = v_cache_ptr.dtype.element_ty
+        v1 = tl.load(src, mask=mask)
+        v2 = tl.load(src + half, mask=mask)
+        tl.store(dst, v1.to(cache_dtype), mask=valid)
+        tl.store(dst + half, v2.to(cache_dtype), mask=valid)
+    else:
+        _rotate_heads(k_ptr, k_out_ptr + token * num_kv_heads * 2 * half, token, cos, sin, k_token_stride,
+                      k_head_stride, 2 * half, num_kv_heads, half, k_norm_ptr, eps, 0, NORM, BLOCK_K_HEADS,
+                      BLOCK_HALF)
 
 
 def rotary(
@@ -114,6 +147,30 @@ def rotary(
     ``query``/``key`` may be strided views (e.g. slices of a fused QKV output) as long as
     their last dim is contiguous. Positions must lie in ``[0, max_positions)``: they are
     not bounds-checked on the device."""
+    return _launch(positions, query, key, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,  # [num_tokens] int32/int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] fp32
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], the key's dtype
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0: skipped
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``rotary`` and ``triton_attention.write_kv`` in one launch: returns the rotated
+    query; the rotated key and the value go straight to their cache slots (the rotated key
+    is never written elsewhere). Bitwise what the two kernels give in turn."""
+    return _launch(positions, query, key, cos_sin_cache, q_norm_weight, k_norm_weight, eps,
+                   value, kv_cache, slot_mapping)[0]
+
+
+def _launch(positions, query, key, cos_sin_cache, q_norm_weight, k_norm_weight, eps,
+            value=None, kv_cache=None, slot_mapping=None):
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     assert key.shape == (num_tokens, num_kv_heads, head_dim) and key.dtype == query.dtype
@@ -129,19 +186,32 @@ def rotary(
     if norm:
         for w in (q_norm_weight, k_norm_weight):
             assert w.shape == (head_dim,) and w.dtype == query.dtype and w.is_contiguous(), (w.shape, w.dtype)
+    write_kv = kv_cache is not None
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    k_out = None if write_kv else torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    if write_kv:
+        assert value is not None and value.shape == key.shape and slot_mapping.shape == (num_tokens,)
+        assert kv_cache.dtype == key.dtype and kv_cache.shape[-2:] == (num_kv_heads, head_dim), (kv_cache.shape, kv_cache.dtype)
+        if value.stride(-1) != 1:
+            value = value.contiguous()
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+    else:
+        value = k_cache = v_cache = slot_mapping = key  # never read: WRITE_KV is False
     if num_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
     block_q_heads = triton.next_power_of_2(num_heads)
     block_half = triton.next_power_of_2(half)
     num_warps = 4 if block_q_heads * block_half <= 2048 else 8
+    cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3]) if write_kv else (0,) * 6
     _rotary_kernel[(num_tokens,)](
-        positions, query, key, cos_sin_cache, q_out, k_out,
+        positions, query, key, cos_sin_cache, q_out, key if write_kv else k_out,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         num_heads, num_kv_heads, half,
         q_norm_weight if norm else cos_sin_cache, k_norm_weight if norm else cos_sin_cache, eps,
+        value, k_cache, v_cache, slot_mapping, value.stride(0), value.stride(1), *cache_strides,
+        PAGE_SIZE=kv_cache.shape[2] if write_kv else 1,
+        WRITE_KV=write_kv,
         NORM=norm,
         BLOCK_Q_HEADS=block_q_heads,
         BLOCK_K_HEADS=triton.next_power_of_2(num_kv_heads),

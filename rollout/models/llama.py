@@ -83,8 +83,8 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)  # Qwen3: q/k norm fused in
-        return self.o_proj(self.attn(q, k, v))
+        # Rotation (after Qwen3's q/k norm) and the K/V write: one kernel where the backend has it.
+        return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb, self.q_norm, self.k_norm))
 
 
 class MLP(nn.Module):
