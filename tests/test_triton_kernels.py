@@ -102,6 +102,18 @@ def _randn(gen: torch.Generator, *shape: int, dtype=torch.float32, device="cpu")
     return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
 
+def _qkv_views(gen: torch.Generator, num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+               dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """(qkv, q, k, v): q/k/v as strided views of one fused QKV output, as the attention
+    layer makes them."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(gen, num_tokens, q_size + 2 * kv_size, dtype=dtype, device=device)
+    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
+    return qkv, q, k, v
+
+
 # ---------------------------------------------------------------------------------------
 # round_as: the rounding every half-precision kernel relies on
 # ---------------------------------------------------------------------------------------
@@ -201,12 +213,7 @@ def test_rotary(dtype, num_heads, num_kv_heads, head_dim, pos_dtype):
     rope = RotaryEmbedding(head_dim, max_positions, {"rope_theta": 10000.0, "rope_type": "default"})
     gen = _gen(head_dim + num_heads)
     positions = torch.tensor([5, 0, 63, 5, 17], dtype=pos_dtype)  # unsorted, repeated, last
-    num_tokens = positions.numel()
-    # q and k as strided views of one fused QKV output, as the attention layer makes them.
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    qkv = _randn(gen, num_tokens, q_size + 2 * kv_size, dtype=dtype)
-    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
-    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    qkv, q, k, _ = _qkv_views(gen, positions.numel(), num_heads, num_kv_heads, head_dim, dtype)
     qkv_before = qkv.clone()
     q_out, k_out = triton_rotary.rotary(positions, q, k, rope.cos_sin_cache)
     q_ref, k_ref = rotary_ref(positions.long(), q, k, rope.cos_sin_cache)
@@ -223,12 +230,9 @@ def test_rotary_with_qk_norm(dtype, num_heads, num_kv_heads, head_dim):
     rope = RotaryEmbedding(head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"})
     gen = _gen(7 + head_dim)
     positions = torch.tensor([5, 0, 63, 5, 17])
-    num_tokens = positions.numel()
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    qkv = _randn(gen, num_tokens, q_size + 2 * kv_size, dtype=dtype) * 3
+    qkv, q, k, _ = _qkv_views(gen, positions.numel(), num_heads, num_kv_heads, head_dim, dtype)
+    qkv.mul_(3)
     qkv[1] = 0  # an all-zero head: the norm's eps alone
-    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
-    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
     wq, wk = (1 + _randn(gen, head_dim, dtype=dtype) / 4 for _ in range(2))
     qkv_before = qkv.clone()
     got = triton_rotary.rotary(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
@@ -250,11 +254,7 @@ def _check_rotary_write_kv(dtype, num_heads, num_kv_heads, head_dim, norm, devic
     rope = RotaryEmbedding(head_dim, 64, {"rope_theta": 10000.0, "rope_type": "default"}).to(device)
     gen = _gen(11 + head_dim, device)
     positions = torch.tensor([5, 0, 63, 5, 17, 2], device=device)
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    qkv = _randn(gen, num_tokens, q_size + 2 * kv_size, dtype=dtype, device=device)
-    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
-    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
-    v = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
+    _, q, k, v = _qkv_views(gen, num_tokens, num_heads, num_kv_heads, head_dim, dtype, device)
     weights = [1 + _randn(gen, head_dim, dtype=dtype, device=device) / 4 for _ in range(2)] if norm else [None, None]
     slots = torch.tensor([3, 17, -1, 0, 19, 8], device=device)  # shuffled, one skipped
     cache = _randn(gen, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
@@ -473,10 +473,7 @@ def test_gpu_rotary_real_shape(dtype):
     rope = RotaryEmbedding(head_dim, max_positions, {"rope_theta": 1e6, "rope_type": "default"}).cuda()
     gen = _gen(1, "cuda")
     positions = torch.randint(0, max_positions, (NUM_ROWS,), generator=gen, device="cuda")
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    qkv = _randn(gen, NUM_ROWS, q_size + 2 * kv_size, dtype=dtype, device="cuda")
-    q = qkv[:, :q_size].view(NUM_ROWS, num_heads, head_dim)
-    k = qkv[:, q_size : q_size + kv_size].view(NUM_ROWS, num_kv_heads, head_dim)
+    _, q, k, _ = _qkv_views(gen, NUM_ROWS, num_heads, num_kv_heads, head_dim, dtype, "cuda")
     got = rotary(positions, q, k, rope.cos_sin_cache)
     want = rotary_ref(positions, q, k, rope.cos_sin_cache)
     for g, w in zip(got, want):
@@ -491,10 +488,7 @@ def test_gpu_rotary_with_qk_norm_real_shape(dtype):
     rope = RotaryEmbedding(head_dim, max_positions, {"rope_theta": 1e6, "rope_type": "default"}).cuda()
     gen = _gen(2, "cuda")
     positions = torch.randint(0, max_positions, (NUM_ROWS,), generator=gen, device="cuda")
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    qkv = _randn(gen, NUM_ROWS, q_size + 2 * kv_size, dtype=dtype, device="cuda")
-    q = qkv[:, :q_size].view(NUM_ROWS, num_heads, head_dim)
-    k = qkv[:, q_size : q_size + kv_size].view(NUM_ROWS, num_kv_heads, head_dim)
+    _, q, k, _ = _qkv_views(gen, NUM_ROWS, num_heads, num_kv_heads, head_dim, dtype, "cuda")
     wq, wk = (1 + _randn(gen, head_dim, dtype=dtype, device="cuda") / 4 for _ in range(2))
     got = triton_rotary.rotary(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
     want = rotary_ref(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)

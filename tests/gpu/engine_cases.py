@@ -63,8 +63,12 @@ def _warm_libraries() -> None:
     torch.cuda.empty_cache()
 
 
-def case_sleep_frees_memory(work: Path) -> dict:
-    d = _dirs(work)["llama"]
+def _measured_engine(d: Path) -> tuple[LLM, list[list[int]], dict]:
+    """A 4 GiB-KV fp32 engine of ``d`` with its greedy tokens, and what it took: ``free0`` /
+    ``free1`` (free device memory before it was built / after its first generate),
+    ``arenas`` and ``footprint``: the arenas plus what torch's allocator reserved for it
+    (activations, graph pools). The rest of free0 - free1 is CUDA's own: kernel code the
+    process loaded on first use, graph objects; it stays with the process."""
     _warm_libraries()
     free0, _ = torch.cuda.mem_get_info()
     reserved0 = torch.cuda.memory_reserved()
@@ -72,11 +76,16 @@ def case_sleep_frees_memory(work: Path) -> dict:
     ref = _tokens(llm)
     torch.cuda.synchronize()
     free1, _ = torch.cuda.mem_get_info()
-    # What the engine allocated: its arenas plus what torch's allocator reserved for it
-    # (activations, graph pools). The rest of free0 - free1 is CUDA's own: kernel code the
-    # process loaded on first use, graph objects; it stays with the process.
     arenas = sum(v["device"] for v in llm.memory_usage().values())
-    footprint = arenas + torch.cuda.memory_reserved() - reserved0
+    mem = {"free0": free0, "free1": free1, "arenas": arenas,
+           "footprint": arenas + torch.cuda.memory_reserved() - reserved0}
+    return llm, ref, mem
+
+
+def case_sleep_frees_memory(work: Path) -> dict:
+    d = _dirs(work)["llama"]
+    llm, ref, mem = _measured_engine(d)
+    free0, free1, arenas, footprint = mem["free0"], mem["free1"], mem["arenas"], mem["footprint"]
     ptrs = {n: p.data_ptr() for n, p in llm.model.named_parameters()}
     kv_ptr = llm.engine.runner.kv_caches[0].data_ptr()
     out = {"footprint": footprint, "arenas": arenas, "process_delta": free0 - free1}
@@ -106,19 +115,12 @@ def case_shutdown_frees_everything(work: Path) -> dict:
     """shutdown() drops the graphs, unmaps the arenas and frees their address ranges; a new
     engine in the same process works."""
     d = _dirs(work)["llama"]
-    _warm_libraries()
-    free0, _ = torch.cuda.mem_get_info()
-    reserved0 = torch.cuda.memory_reserved()
-    llm = LLM(str(d), dtype="float32", device="cuda", kv_cache_memory_bytes=4 << 30)
-    ref = _tokens(llm)
-    torch.cuda.synchronize()
-    free1, _ = torch.cuda.mem_get_info()
-    footprint = sum(v["device"] for v in llm.memory_usage().values()) + torch.cuda.memory_reserved() - reserved0
+    llm, ref, mem = _measured_engine(d)
     llm.shutdown()
     free2, _ = torch.cuda.mem_get_info()
-    out = {"returned_fraction": (free2 - free1) / footprint, "graphs_dropped": llm.engine.runner.graphs is None,
+    out = {"returned_fraction": (free2 - mem["free1"]) / mem["footprint"], "graphs_dropped": llm.engine.runner.graphs is None,
            "addresses_freed": all(a.address is None for a in llm.memory.arenas.values()),
-           "process_delta_left": free0 - free2}
+           "process_delta_left": mem["free0"] - free2}
     with LLM(str(d), dtype="float32", device="cuda", kv_cache_memory_bytes=4 << 30) as again:
         out["new_engine_same_output"] = _tokens(again) == ref
     return out
