@@ -63,22 +63,39 @@ _DTYPES = pytest.mark.parametrize(
 )
 
 
-def _assert_matches(got: torch.Tensor, want: torch.Tensor, max_ulps: int = 2) -> None:
+def _assert_matches(got: torch.Tensor, want: torch.Tensor, max_ulps: int = 2,
+                    magnitude: torch.Tensor | None = None) -> None:
     """fp32: close to 1e-5. bf16/fp16: at most ``max_ulps`` units in the last place apart.
 
     The kernels round intermediates exactly where the references do, so only fp32 math
     that differs in its last bits (reduction order, rsqrt, the GPU's fast exp) can tip one
     rounding: an intermediate one ulp off, then the output up to two ulps off after the
-    next rounding. Rotary has no such math: bitwise (0)."""
+    next rounding. Rotary has no such math: bitwise (0). ``magnitude``: the size of the
+    terms an output was summed from, when that exceeds the output (see ``_rotated_magnitude``);
+    ulps are then counted at that size."""
     assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.dtype)
     if got.dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         return
     g, w = got.float(), want.float()
     finfo = torch.finfo(got.dtype)  # eps: relative ulp; tiny * eps: the subnormal spacing
-    ulp = torch.clamp_min(finfo.eps * torch.maximum(g.abs(), w.abs()), finfo.tiny * finfo.eps)
+    size = torch.maximum(g.abs(), w.abs())
+    if magnitude is not None:
+        size = torch.maximum(size, magnitude.float())
+    ulp = torch.clamp_min(finfo.eps * size, finfo.tiny * finfo.eps)
     bad = (g - w).abs() > max_ulps * ulp
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} values off by more than {max_ulps} ulp"
+
+
+def _rotated_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """Per element, the length of its rotary pair (i, i + head_dim / 2), which the rotation
+    keeps. An input one ulp off (a fused q/k norm's fp32 sum rounding the other way) moves
+    the rotated output by up to an ulp of that length, which can be many ulps of the output
+    itself where x * cos and y * sin cancel."""
+    x = x.float()
+    half = x.shape[-1] // 2
+    length = torch.hypot(x[..., :half], x[..., half:])
+    return torch.cat((length, length), dim=-1)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter process")
@@ -238,7 +255,7 @@ def test_rotary_with_qk_norm(dtype, num_heads, num_kv_heads, head_dim):
     got = triton_rotary.rotary(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
     want = rotary_ref(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
     for g, w in zip(got, want):
-        _assert_matches(g, w)
+        _assert_matches(g, w, magnitude=_rotated_magnitude(w))
     assert torch.equal(qkv, qkv_before)
     # The reference is the layer's old path: RMSNorm of each head, then the rotation.
     normed = rotary_ref(positions, rms_norm_ref(q, wq, 1e-6), rms_norm_ref(k, wk, 1e-6), rope.cos_sin_cache)
@@ -493,7 +510,7 @@ def test_gpu_rotary_with_qk_norm_real_shape(dtype):
     got = triton_rotary.rotary(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
     want = rotary_ref(positions, q, k, rope.cos_sin_cache, wq, wk, 1e-6)
     for g, w in zip(got, want):
-        _assert_matches(g, w)
+        _assert_matches(g, w, magnitude=_rotated_magnitude(w))
 
 
 @gpu
