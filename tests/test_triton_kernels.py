@@ -396,6 +396,35 @@ def test_sample_tokens_random_row_follows_noise():
     torch.testing.assert_close(logprobs, torch.full((3,), -math.log(vocab)))
 
 
+@triton.jit
+def _philox_uniforms_kernel(out_ptr, seed, num_quads, BLOCK: tl.constexpr):
+    """The four uniforms of each Philox call at offsets 0..num_quads-1, as [num_quads, 4]."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < num_quads
+    u0, u1, u2, u3 = tl.rand4x(seed, offs)
+    for k, u in enumerate((u0, u1, u2, u3)):
+        tl.store(out_ptr + offs * 4 + k, u, mask=mask)
+
+
+@interpreted
+def test_sample_tokens_in_kernel_noise_is_the_documented_philox_stream():
+    """Token t of row r races with u = output t % 4 of Philox at (seed, r * ceil(vocab / 4)
+    + t // 4): with all-zero logits the winner is argmax u. The same tokens for any split
+    count (2501: a vocab not a multiple of 4, three blocks; 32 rows, so a wrong token-to-output
+    mapping shows)."""
+    sample_tokens = triton_sampling.sample_tokens
+    num_reqs, vocab, seed = 32, 2501, 11
+    quads = math.ceil(vocab / 4)
+    uniforms = torch.empty(num_reqs * quads, 4)
+    _philox_uniforms_kernel[(1,)](uniforms, seed, num_reqs * quads, BLOCK=triton.next_power_of_2(num_reqs * quads))
+    u = uniforms.reshape(num_reqs, quads * 4)[:, :vocab]
+    temperature = torch.ones(num_reqs)
+    for num_splits in (1, 2, 3):
+        tokens, logprobs = sample_tokens(torch.zeros(num_reqs, vocab), temperature, None, num_splits=num_splits, seed=seed)
+        assert torch.equal(tokens, u.argmax(-1)), num_splits
+        torch.testing.assert_close(logprobs, torch.full((num_reqs,), -math.log(vocab)))
+
+
 @interpreted
 def test_sample_tokens_in_kernel_noise_follows_the_distribution():
     """Philox noise drawn in the kernel (no noise tensor): the same seed gives the same

@@ -101,9 +101,14 @@ def _sample_tokens_kernel(
             q = tl.load(noise_ptr + row * noise_row_stride + offs, mask=offs < noise_end, other=1.0)
             score = x - tl.log2(tl.maximum(q, tiny)) * log2_scale
         elif NOISE == 2:
-            # q = -ln(u), u ~ U[0, 1) from Philox at (seed, row * vocab + token): no noise
-            # tensor written and read back. u = 0 gives q = inf, a score of -inf.
-            u = tl.rand(seed, (row * vocab + offs).to(tl.int32))
+            # q = -ln(u), u ~ U[0, 1) from Philox: no noise tensor written and read back.
+            # One Philox call gives four uniforms, one per token of a run of four (token t
+            # takes output t % 4 of the call at (seed, row * ceil(vocab / 4) + t // 4)):
+            # Philox's ten rounds per call, not the memory, bounded this kernel when each
+            # token took its own call. u = 0 gives q = inf, a score of -inf.
+            quad = row * tl.cdiv(vocab, 4) + (start + i * BLOCK_V) // 4 + tl.arange(0, BLOCK_V // 4)
+            u0, u1, u2, u3 = tl.rand4x(seed, quad.to(tl.int32))
+            u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))  # token 4j + k: u_k[j]
             q = -tl.log2(u) * 0.6931471805599453
             q = tl.where(offs < noise_end, q, 1.0)
             score = x - tl.log2(tl.maximum(q, tiny)) * log2_scale
@@ -193,10 +198,11 @@ def sample_tokens(
 
     Only valid when no row has top-k, top-p or min-p (see the module docstring). With
     ``seed`` and no ``noise`` the exponential noise is drawn inside the kernel from Philox
-    at ``(seed, row * vocab + token)``: the same seed gives the same tokens, and no
+    (output ``token % 4`` of the call at ``(seed, row * ceil(vocab / 4) + token // 4)``):
+    the same seed gives the same tokens, whatever the split count, and no
     [num_reqs, vocab] noise tensor is written and read (for steps with no seeded request)."""
     num_reqs, vocab = logits.shape
-    assert num_reqs * vocab < _INT32_MAX or seed is None, "Philox offsets are int32"
+    assert num_reqs * triton.cdiv(vocab, 4) < _INT32_MAX or seed is None, "Philox offsets are int32"
     assert temperature.shape == (num_reqs,) and temperature.dtype == torch.float32
     assert 0 < vocab < _INT32_MAX - _BLOCK_V
     if logits.stride(-1) != 1:
