@@ -62,6 +62,35 @@ def _find_request(query_start_loc_ptr, num_reqs, pid_q, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _merge_splits(
+    part_max_ptr, part_sum_ptr, part_acc_ptr, rows, row_mask, mask, offs_d, num_splits, stride_part_split,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The normalized output [BLOCK_R, BLOCK_D] fp32 of ``rows`` (partial offsets
+    ``tok * stride_part_tok + head``, int64) from their splits' partials, merged in split
+    order (a fixed order: the result does not depend on scheduling)."""
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        part = split * stride_part_split + rows  # [BLOCK_R]
+        # .cg (L2, not L1): in the fused combine other SMs wrote these during this launch.
+        m_s = tl.load(part_max_ptr + part, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_sum_ptr + part, mask=row_mask, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0,
+                        cache_modifier=".cg")
+        # An empty split (max -inf) weighs 0; split 0 holds key 0, which every query sees.
+        m_new = tl.maximum(m_i, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        beta = tl.exp2(m_s - m_ref)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    return acc / tl.where(row_mask, l_i, 1.0)[:, None]  # padding rows: no 0 / 0
+
+
+@triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     # Triton's interpreter multiplies bf16 operands of tl.dot as raw bits (it stores bf16
     # as uint16; triton-lang/triton#11584): off GPU, bf16 operands go through fp32.
@@ -204,8 +233,7 @@ def _combine_splits_kernel(
     BLOCK_H: tl.constexpr,  # next power of two >= NUM_HEADS
     BLOCK_D: tl.constexpr,
 ):
-    """One program per token, all its heads: merge the splits in order (a fixed order, so
-    the result does not depend on scheduling)."""
+    """One program per token, all its heads: the partials merged by ``_merge_splits``."""
     tok = tl.program_id(0).to(tl.int64)
     if tok >= tl.load(query_start_loc_ptr + num_reqs):  # padding rows past the last request
         return
@@ -213,23 +241,8 @@ def _combine_splits_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     h_mask = offs_h < NUM_HEADS
     mask = h_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for split in range(num_splits):
-        part = split * stride_part_split + tok * stride_part_tok + offs_h  # [BLOCK_H]
-        m_s = tl.load(part_max_ptr + part, mask=h_mask, other=float("-inf"))
-        l_s = tl.load(part_sum_ptr + part, mask=h_mask, other=0.0)
-        acc_s = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-        # An empty split (max -inf) weighs 0; split 0 holds key 0, which every query sees.
-        m_new = tl.maximum(m_i, m_s)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        beta = tl.exp2(m_s - m_ref)
-        l_i = l_i * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
-        m_i = m_new
-    out = acc / tl.where(h_mask, l_i, 1.0)[:, None]
+    out = _merge_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, tok * stride_part_tok + offs_h, h_mask, mask,
+                        offs_d, num_splits, stride_part_split, HEAD_DIM, BLOCK_H, BLOCK_D)
     tl.store(
         out_ptr + tok * stride_o_tok + offs_h[:, None] * stride_o_head + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty), mask=mask,
