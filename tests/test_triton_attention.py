@@ -309,22 +309,28 @@ def test_write_kv_matches_reference_and_skips_negative_slots(cache_dtype):
         torch.testing.assert_close(got, expected, atol=0, rtol=2**-7)
 
 
-def test_triton_backend_runs_on_attention_metadata():
+def test_triton_backend_runs_on_attention_metadata(monkeypatch):
+    """The backend reads device tensors only and hands the metadata's split counters on: a
+    600-token decode of few programs splits by the default policy, merged in the launch."""
     backend = get_attention_backend("triton")
     assert backend.name == "triton" and backend.write_kv is write_kv
-    step = _build_step(_mixed_specs(4)[:5], 4, 8, 2, 16, torch.float32, seed=5)
+    step = _build_step([*_mixed_specs(4)[:5], (600, 1)], 4, 8, 2, 16, torch.float32, seed=5)
+    assert _plan(step, None).num_splits > 1
+    counters = _split_counters(step, None)
+    _no_combine_launch(monkeypatch)
     kv_cache = step["kv_cache"].to(DEVICE)
     qsl, seq_lens = step["query_start_loc"], step["seq_lens"]
     md = AttentionMetadata(
         slot_mapping=step["slot_mapping"].to(DEVICE), block_tables=step["block_tables"].to(DEVICE),
         query_start_loc=qsl.to(DEVICE), seq_lens=seq_lens.to(DEVICE),
         query_start_loc_cpu=None, seq_lens_cpu=None,  # the backend reads device tensors only
-        max_query_len=int((qsl[1:] - qsl[:-1]).max()), max_seq_len=int(seq_lens.max()),
+        max_query_len=int((qsl[1:] - qsl[:-1]).max()), max_seq_len=int(seq_lens.max()), split_counters=counters,
     )
     backend.write_kv(step["new_k"].to(DEVICE), step["new_v"].to(DEVICE), kv_cache, md.slot_mapping)
     out = backend.attention(step["query"].to(DEVICE), kv_cache, md, 0.25)
     expected = paged_attention_ref(step["query"], kv_cache.cpu(), step["block_tables"], qsl, seq_lens, 0.25)
     torch.testing.assert_close(out.cpu(), expected, **TOL[torch.float32])
+    assert not counters.any()
 
 
 def test_backends_import_without_triton():
