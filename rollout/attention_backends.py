@@ -30,7 +30,7 @@ def _triton_backend() -> AttentionBackend:
     def attention(q, kv_cache, md: AttentionMetadata, scale: float):
         return paged_attention(
             q, kv_cache, md.block_tables, md.query_start_loc, md.seq_lens, scale,
-            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len, split_counters=md.split_counters,
         )
 
     return AttentionBackend("triton", write_kv, attention, rotary_write_kv)

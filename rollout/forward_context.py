@@ -28,6 +28,10 @@ class AttentionMetadata:
     # Every request has exactly one new token (a CUDA-graph decode step): backends must
     # then read only the device tensors above.
     decode_only: bool = False
+    # [>= num_q_tiles * num_kv_heads] int32 zeros, persistent: lets a split-KV attention
+    # kernel merge its splits in the same launch (the last split to arrive merges) instead
+    # of a second launch. None: backends that split launch a separate combine.
+    split_counters: torch.Tensor | None = None
 
 
 @dataclass

@@ -23,7 +23,9 @@ from rollout.attention_backends import get_attention_backend  # noqa: E402
 from rollout.forward_context import AttentionMetadata  # noqa: E402
 from rollout.kernels import triton_attention  # noqa: E402
 from rollout.kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
-from rollout.kernels.triton_attention import Tiling, choose_num_splits, paged_attention, write_kv  # noqa: E402
+from rollout.kernels.triton_attention import (  # noqa: E402
+    Tiling, choose_num_splits, paged_attention, plan_launch, write_kv,
+)
 from tests.helpers.attention_steps import block_boundary_specs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +89,7 @@ def _build_step(specs, block_size, num_heads, num_kv_heads, head_dim, dtype, see
     )
 
 
-def _run_both(step, num_splits, block_m=None, tiling=None):
+def _run_both(step, num_splits, block_m=None, tiling=None, split_counters=None):
     """(triton output, reference output); the cache is filled with write_kv_ref first."""
     kv_cache = step["kv_cache"]
     write_kv_ref(step["new_k"], step["new_v"], kv_cache, step["slot_mapping"])
@@ -100,7 +102,7 @@ def _run_both(step, num_splits, block_m=None, tiling=None):
     out = paged_attention(
         dev["query"], kv_cache.to(DEVICE), dev["block_tables"], dev["query_start_loc"], dev["seq_lens"], scale,
         max_query_len=max(q_lens), max_seq_len=int(step["seq_lens"].max()), num_splits=num_splits,
-        block_m=block_m, tiling=tiling,
+        block_m=block_m, tiling=tiling, split_counters=split_counters,
     )
     return out.cpu(), expected
 
@@ -212,6 +214,72 @@ def test_rejects_bad_arguments():
             paged_attention(*args, max_query_len=2, max_seq_len=2, **bad)
 
 
+def _plan(step, num_splits):
+    """The launch paged_attention makes for ``step``."""
+    q_lens = step["query_start_loc"][1:] - step["query_start_loc"][:-1]
+    num_tokens, num_heads, head_dim = step["query"].shape
+    return plan_launch(
+        num_tokens, num_heads, step["kv_cache"].shape[3], head_dim, len(q_lens), max_query_len=int(q_lens.max()),
+        max_seq_len=int(step["seq_lens"].max()), device=DEVICE, num_splits=num_splits,
+    )
+
+
+def _split_counters(step, num_splits):
+    """Zeroed counters, exactly as many as the step's launch needs."""
+    num_counters = _plan(step, num_splits).num_q_tiles * step["kv_cache"].shape[3]
+    return torch.zeros(num_counters, dtype=torch.int32, device=DEVICE)
+
+
+def _no_combine_launch(monkeypatch):
+    """Fail the test if the separate combine kernel is launched."""
+    monkeypatch.setattr(triton_attention, "_combine_splits_kernel", None)  # None[grid]: TypeError
+
+
+FUSED_CASES = [  # (specs, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits)
+    # Mixed: prefill chunks, block-boundary lengths, decodes; (0, 1) leaves splits empty.
+    pytest.param(_mixed_specs(16), 8, 2, 32, 16, torch.float32, 3, id="mixed-gqa4-fp32-s3"),
+    pytest.param(_mixed_specs(4), 6, 2, 16, 4, torch.float32, 4, id="mixed-gqa3-fp32-s4"),
+    pytest.param(_mixed_specs(16)[4:], 4, 4, 32, 16, torch.bfloat16, 4, id="mixed-mha-bf16-s4"),
+    pytest.param(_decode_specs(16), 8, 2, 32, 16, torch.bfloat16, 3, id="decode-gqa4-bf16-s3"),
+]
+
+
+@pytest.mark.parametrize("specs,num_heads,num_kv_heads,head_dim,block_size,dtype,num_splits", FUSED_CASES)
+def test_fused_combine_is_bitwise_the_separate_combine(
+    monkeypatch, specs, num_heads, num_kv_heads, head_dim, block_size, dtype, num_splits
+):
+    """With split_counters the last split merges in the attention launch: the same bits as
+    the combine launch, and the counters are zero again after each launch (two in a row
+    on one buffer). The interpreter runs splits in order, so split S-1 merges here."""
+    step = _build_step(specs, block_size, num_heads, num_kv_heads, head_dim, dtype, seed=num_splits)
+    separate, expected = _run_both(step, num_splits)
+    torch.testing.assert_close(separate, expected, **TOL[dtype])
+    counters = _split_counters(step, num_splits)
+    _no_combine_launch(monkeypatch)
+    for _ in range(2):
+        fused, _ = _run_both(step, num_splits, split_counters=counters)
+        assert torch.equal(fused, separate)
+        assert not counters.any()
+
+
+def test_split_counters_unused_without_split():
+    """num_splits=1 writes the output directly: counters change nothing and stay zero."""
+    step = _build_step(_mixed_specs(4)[:5], 4, 8, 2, 16, torch.float32, seed=4)
+    plain, _ = _run_both(step, 1)
+    counters = _split_counters(step, 1)
+    with_counters, _ = _run_both(step, 1, split_counters=counters)
+    assert torch.equal(with_counters, plain) and not counters.any()
+
+
+def test_rejects_bad_split_counters():
+    step = _build_step([(0, 2), (40, 1)], 4, 8, 2, 16, torch.float32, seed=0)
+    good = _split_counters(step, 2)
+    for bad in (good[1:], good.long(), torch.zeros(2 * good.numel(), dtype=torch.int32, device=DEVICE)[::2],
+                torch.zeros(good.numel(), dtype=torch.int32, device="meta")):
+        with pytest.raises(ValueError, match="split_counters"):
+            _run_both(step, 2, split_counters=bad)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_matches_reference_and_skips_negative_slots(cache_dtype):
     gen = _gen(7)
@@ -241,22 +309,28 @@ def test_write_kv_matches_reference_and_skips_negative_slots(cache_dtype):
         torch.testing.assert_close(got, expected, atol=0, rtol=2**-7)
 
 
-def test_triton_backend_runs_on_attention_metadata():
+def test_triton_backend_runs_on_attention_metadata(monkeypatch):
+    """The backend reads device tensors only and hands the metadata's split counters on: a
+    600-token decode of few programs splits by the default policy, merged in the launch."""
     backend = get_attention_backend("triton")
     assert backend.name == "triton" and backend.write_kv is write_kv
-    step = _build_step(_mixed_specs(4)[:5], 4, 8, 2, 16, torch.float32, seed=5)
+    step = _build_step([*_mixed_specs(4)[:5], (600, 1)], 4, 8, 2, 16, torch.float32, seed=5)
+    assert _plan(step, None).num_splits > 1
+    counters = _split_counters(step, None)
+    _no_combine_launch(monkeypatch)
     kv_cache = step["kv_cache"].to(DEVICE)
     qsl, seq_lens = step["query_start_loc"], step["seq_lens"]
     md = AttentionMetadata(
         slot_mapping=step["slot_mapping"].to(DEVICE), block_tables=step["block_tables"].to(DEVICE),
         query_start_loc=qsl.to(DEVICE), seq_lens=seq_lens.to(DEVICE),
         query_start_loc_cpu=None, seq_lens_cpu=None,  # the backend reads device tensors only
-        max_query_len=int((qsl[1:] - qsl[:-1]).max()), max_seq_len=int(seq_lens.max()),
+        max_query_len=int((qsl[1:] - qsl[:-1]).max()), max_seq_len=int(seq_lens.max()), split_counters=counters,
     )
     backend.write_kv(step["new_k"].to(DEVICE), step["new_v"].to(DEVICE), kv_cache, md.slot_mapping)
     out = backend.attention(step["query"].to(DEVICE), kv_cache, md, 0.25)
     expected = paged_attention_ref(step["query"], kv_cache.cpu(), step["block_tables"], qsl, seq_lens, 0.25)
     torch.testing.assert_close(out.cpu(), expected, **TOL[torch.float32])
+    assert not counters.any()
 
 
 def test_backends_import_without_triton():
@@ -362,6 +436,56 @@ class TestRealShapesOnGpu:
         qsl = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 308], dtype=torch.int32, device="cuda")
         mixed = paged_attention(query, kv_cache, block_tables, qsl, seq_lens, 0.1, max_query_len=300, **fixed)
         assert torch.equal(decode_only, mixed[:8])
+
+    @pytest.mark.parametrize("num_reqs,q_len,num_splits", [(64, 1, 4), (64, 1, None), (1, 1, 8), (1, 1, 16), (8, 16, 5)])
+    def test_fused_combine_bitwise_the_separate_combine(self, num_reqs, q_len, num_splits):
+        """Qwen2.5-1.5B shapes (12 heads, 2 KV heads, head_dim 128), contexts up to 2048 of
+        mixed lengths (some splits empty): merging in the launch gives the combine launch's
+        bits (one merge routine, same order) and leaves the counters zero; three rounds on
+        one buffer, to catch a merge that reads a split before its stores are visible."""
+        query, kv_cache, block_tables, qsl, seq_lens = _real_step(num_reqs, 2048, q_len, 12, 2, 128, 16, seed=num_reqs)
+        gen = torch.Generator(device="cuda").manual_seed(num_reqs)
+        seq_lens = torch.randint(q_len, 2048 + q_len + 1, (num_reqs,), generator=gen, device="cuda").int()
+        seq_lens[0] = 2048 + q_len
+        scale = 128**-0.5
+        kw = dict(max_query_len=q_len, max_seq_len=2048 + q_len, num_splits=num_splits)
+        plan = plan_launch(num_reqs * q_len, 12, 2, 128, num_reqs, device=query.device, **kw)
+        counters = torch.zeros(plan.num_q_tiles * 2, dtype=torch.int32, device="cuda")
+        separate = paged_attention(query, kv_cache, block_tables, qsl, seq_lens, scale, **kw)
+        expected = paged_attention_ref(query, kv_cache, block_tables, qsl.cpu(), seq_lens.cpu(), scale)
+        torch.testing.assert_close(separate, expected, atol=2e-2, rtol=2e-2)
+        for _ in range(3):
+            fused = paged_attention(query, kv_cache, block_tables, qsl, seq_lens, scale, split_counters=counters, **kw)
+            torch.testing.assert_close(fused, expected, atol=2e-2, rtol=2e-2)  # a race: far off
+            assert torch.equal(fused, separate)  # only this off (ulps): the merges compiled apart
+            assert int(counters.count_nonzero()) == 0
+
+    def test_fused_combine_in_a_cuda_graph(self):
+        """Captured with its counters and replayed on new queries and lengths: the combine
+        launch's bits after each replay, and the counters zero again."""
+        query, kv_cache, block_tables, qsl, seq_lens = _real_step(64, 2048, 1, 12, 2, 128, 16, seed=5)
+        scale = 128**-0.5
+        kw = dict(max_query_len=1, max_seq_len=2049, num_splits=4)
+        counters = torch.zeros(2 * (64 + 64), dtype=torch.int32, device="cuda")  # >= num_q_tiles * KV heads
+
+        def fused():
+            return paged_attention(query, kv_cache, block_tables, qsl, seq_lens, scale, split_counters=counters, **kw)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fused()  # compiles outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fused()
+        gen = torch.Generator(device="cuda").manual_seed(6)
+        for _ in range(5):
+            query.copy_(torch.randn(query.shape, generator=gen, device="cuda"))
+            seq_lens.copy_(torch.randint(1, 2050, seq_lens.shape, generator=gen, device="cuda"))
+            graph.replay()
+            assert torch.equal(out, paged_attention(query, kv_cache, block_tables, qsl, seq_lens, scale, **kw))
+            assert int(counters.count_nonzero()) == 0
 
     def test_write_kv_real_shape(self):
         gen = torch.Generator(device="cuda").manual_seed(1)

@@ -76,6 +76,12 @@ class ModelRunner:
         self.kv_arena: Arena | None = None
         self.graphs: CudaGraphRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
+        # Split-KV attention counts each (query tile, KV head)'s splits in here so the last
+        # one merges them in the same launch. Sized for the largest grid: a step has at most
+        # max(batched tokens, reqs) tokens and num_q_tiles <= num_tokens + num_reqs. Allocated
+        # once and never replaced: CUDA graphs capture its address; launches leave it zero.
+        max_q_tiles = max(max_num_batched_tokens, max_num_reqs) + max_num_reqs
+        self.split_counters = torch.zeros(max_q_tiles * model.num_kv_heads, dtype=torch.int32, device=device)
         self.staging = Staging(self._max_step_bytes(max_num_batched_tokens), device, platform.pin_host_memory)
         # The last launched step's sampled ids [num_reqs] on the device: inputs of the next.
         self._last_sampled: torch.Tensor | None = None
@@ -146,7 +152,7 @@ class ModelRunner:
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches, self.backend, self.ops, self.device, max_num_reqs=self.batch.max_num_reqs,
             max_blocks_per_req=self.max_blocks_per_req, block_size=self.block_size,
-            scratch_block=self.scratch_block, max_seq_len=self.max_model_len,
+            scratch_block=self.scratch_block, max_seq_len=self.max_model_len, split_counters=self.split_counters,
         )
         self.graphs.capture()
 
@@ -296,7 +302,7 @@ class ModelRunner:
             slot_mapping=dev["slot_mapping"], block_tables=dev["block_tables"],
             query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
             query_start_loc_cpu=host["cu_cpu"], seq_lens_cpu=host["seq_lens_cpu"],
-            max_query_len=host["max_query_len"], max_seq_len=host["max_seq_len"],
+            max_query_len=host["max_query_len"], max_seq_len=host["max_seq_len"], split_counters=self.split_counters,
         )
         return {
             "input_ids": input_ids, "positions": dev["positions"], "positions_cpu": host["positions_cpu"],

@@ -16,7 +16,11 @@ programs past their request's last tile exit at once.
 
 Split-KV: with few programs and long contexts, axis 2 cuts each tile's KV range into
 ``num_splits`` contiguous runs of whole KV tiles. Each split writes its row max, row sum and
-unnormalized accumulator to fp32 scratch, and ``_combine_splits_kernel`` merges them.
+unnormalized accumulator to fp32 scratch, and ``_combine_splits_kernel`` merges them. Given
+``split_counters`` (zeros, one per (query tile, KV head)), the merge happens in the same
+launch instead: each split counts itself in with an atomic add after its stores, and the
+last to arrive merges all splits of its rows and resets the counter to zero. Both paths run
+one merge routine in split order 0..S-1, so they give the same bits whichever split is last.
 
 Batch invariance: a query row's result depends only on its own request (its tokens, its
 cache and where the row sits in it), the tile height ``BLOCK_M`` and ``num_splits``; the KV
@@ -62,6 +66,35 @@ def _find_request(query_start_loc_ptr, num_reqs, pid_q, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _merge_splits(
+    part_max_ptr, part_sum_ptr, part_acc_ptr, rows, row_mask, mask, offs_d, num_splits, stride_part_split,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The normalized output [BLOCK_R, BLOCK_D] fp32 of ``rows`` (partial offsets
+    ``tok * stride_part_tok + head``, int64) from their splits' partials, merged in split
+    order (a fixed order: the result does not depend on scheduling)."""
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        part = split * stride_part_split + rows  # [BLOCK_R]
+        # .cg (L2, not L1): in the fused combine other SMs wrote these during this launch.
+        m_s = tl.load(part_max_ptr + part, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_sum_ptr + part, mask=row_mask, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0,
+                        cache_modifier=".cg")
+        # An empty split (max -inf) weighs 0; split 0 holds key 0, which every query sees.
+        m_new = tl.maximum(m_i, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        beta = tl.exp2(m_s - m_ref)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    return acc / tl.where(row_mask, l_i, 1.0)[:, None]  # padding rows: no 0 / 0
+
+
+@triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     # Triton's interpreter multiplies bf16 operands of tl.dot as raw bits (it stores bf16
     # as uint16; triton-lang/triton#11584): off GPU, bf16 operands go through fp32.
@@ -88,6 +121,7 @@ def _paged_attention_kernel(
     part_max_ptr,  # [num_splits, num_tokens, num_heads] fp32 (SPLIT only)
     part_sum_ptr,  # [num_splits, num_tokens, num_heads] fp32 (SPLIT only)
     part_acc_ptr,  # [num_splits, num_tokens, num_heads, HEAD_DIM] fp32 (SPLIT only)
+    counters_ptr,  # [>= num_q_tiles * num_kv_heads] int32 zeros (FUSED_COMBINE only)
     scale,
     num_reqs,
     stride_q_tok, stride_q_head,
@@ -104,6 +138,7 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,  # keys per KV tile
     SPLIT: tl.constexpr,  # write partials (num_splits > 1) instead of the output
+    FUSED_COMBINE: tl.constexpr,  # SPLIT: the last split to finish merges them
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no tf32 rounding
     DOT_UPCAST: tl.constexpr,  # bf16 in the interpreter, see _dot
 ):
@@ -175,17 +210,27 @@ def _paged_attention_kernel(
         m_i = m_new
 
     store_mask = row_mask[:, None] & d_mask[None, :]
+    out_ptrs = out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :]
     if SPLIT:
-        part = split.to(tl.int64) * stride_part_split + tok * stride_part_tok + head  # [BLOCK_M]
+        rows = tok * stride_part_tok + head  # [BLOCK_M]
+        part = split.to(tl.int64) * stride_part_split + rows
         tl.store(part_max_ptr + part, m_i, mask=row_mask)
         tl.store(part_sum_ptr + part, l_i, mask=row_mask)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=store_mask)
+        if FUSED_COMBINE:
+            # Every thread's partial stores come before the release of the count (the atomic
+            # is one thread's); acq_rel: the last to arrive sees the other splits' stores.
+            tl.debug_barrier()
+            counter = counters_ptr + pid_q * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.atomic_xchg(counter, 0)  # all splits are in: zero again for the next launch
+                out = _merge_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, rows, row_mask, store_mask,
+                                    offs_d, num_splits, stride_part_split, HEAD_DIM, BLOCK_M, BLOCK_D)
+                tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         out = acc / tl.where(row_mask, l_i, 1.0)[:, None]  # padding rows: no 0 / 0
-        tl.store(
-            out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty), mask=store_mask,
-        )
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit(do_not_specialize=["num_reqs", "num_splits", "stride_part_split"])
@@ -204,8 +249,7 @@ def _combine_splits_kernel(
     BLOCK_H: tl.constexpr,  # next power of two >= NUM_HEADS
     BLOCK_D: tl.constexpr,
 ):
-    """One program per token, all its heads: merge the splits in order (a fixed order, so
-    the result does not depend on scheduling)."""
+    """One program per token, all its heads: the partials merged by ``_merge_splits``."""
     tok = tl.program_id(0).to(tl.int64)
     if tok >= tl.load(query_start_loc_ptr + num_reqs):  # padding rows past the last request
         return
@@ -213,23 +257,8 @@ def _combine_splits_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     h_mask = offs_h < NUM_HEADS
     mask = h_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for split in range(num_splits):
-        part = split * stride_part_split + tok * stride_part_tok + offs_h  # [BLOCK_H]
-        m_s = tl.load(part_max_ptr + part, mask=h_mask, other=float("-inf"))
-        l_s = tl.load(part_sum_ptr + part, mask=h_mask, other=0.0)
-        acc_s = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-        # An empty split (max -inf) weighs 0; split 0 holds key 0, which every query sees.
-        m_new = tl.maximum(m_i, m_s)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        beta = tl.exp2(m_s - m_ref)
-        l_i = l_i * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
-        m_i = m_new
-    out = acc / tl.where(h_mask, l_i, 1.0)[:, None]
+    out = _merge_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, tok * stride_part_tok + offs_h, h_mask, mask,
+                        offs_d, num_splits, stride_part_split, HEAD_DIM, BLOCK_H, BLOCK_D)
     tl.store(
         out_ptr + tok * stride_o_tok + offs_h[:, None] * stride_o_head + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty), mask=mask,
@@ -300,6 +329,16 @@ def plan_launch(
                       tiling.num_stages or base.num_stages, num_q_tiles, num_splits)
 
 
+def _check_split_counters(counters: torch.Tensor, needed: int, device: torch.device) -> None:
+    if (counters.dtype != torch.int32 or counters.device != device or counters.numel() < needed
+            or not counters.is_contiguous()):
+        raise ValueError(
+            f"split_counters: got {counters.numel()} {counters.dtype} on {counters.device}"
+            f"{'' if counters.is_contiguous() else ' (not contiguous)'}, need >= {needed} contiguous "
+            f"torch.int32 on {device}"
+        )
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -319,17 +358,23 @@ def paged_attention(
     num_splits: int | None = None,
     block_m: int | None = None,
     tiling: Tiling | None = None,
+    split_counters: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], query's dtype
     """Causal paged attention of a mixed step; see the module docstring for the design.
 
     ``num_splits``: KV partitions per (query tile, KV head); 1 writes the output directly,
-    more adds a small combine launch. None chooses from the batch (``choose_num_splits``);
+    more adds a small combine launch (none with ``split_counters``). None chooses from the batch (``choose_num_splits``);
     a captured CUDA graph keeps the choice made at capture.
     ``block_m``: rows (query tokens x heads of a group) per program, a power of two >= 16;
     None: 16 for a decode-only step, 64 otherwise.
     Fixed ``num_splits`` and ``block_m`` give each request a result independent of the
     rest of the batch. Rows past ``query_start_loc[-1]`` (padding tokens) are not written.
     ``tiling``: overrides the launch shape (tuning); ``block_m`` wins over its block_m.
+    ``split_counters``: int32 zeros on the query's device, at least ``plan.num_q_tiles *
+    num_kv_heads`` of them (``plan_launch``), to merge the splits in the attention launch
+    instead of a second one (same bits). Every launch leaves them zero, so one persistent
+    buffer serves every launch on its stream (a CUDA graph captures its address); two
+    launches must not use it at the same time. None: the separate combine launch.
     """
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -353,6 +398,9 @@ def paged_attention(
                        tiling=tiling)
     num_splits = plan.num_splits
     split = num_splits > 1
+    if split_counters is not None:
+        _check_split_counters(split_counters, plan.num_q_tiles * num_kv_heads, query.device)
+    fused_combine = split and split_counters is not None
     if split:
         part_max = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
@@ -364,7 +412,7 @@ def paged_attention(
     block_d = triton.next_power_of_2(max(head_dim, 16))
     _paged_attention_kernel[(plan.num_q_tiles, num_kv_heads, num_splits)](
         out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-        part_max, part_sum, part_acc,
+        part_max, part_sum, part_acc, split_counters if fused_combine else out,
         scale, num_reqs,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
@@ -374,11 +422,11 @@ def paged_attention(
         num_tokens * num_heads, num_heads,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=block_size,
         BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, SPLIT=split,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        FUSED_COMBINE=fused_combine, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=query.dtype == torch.bfloat16 and query.device.type == "cpu",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    if split:
+    if split and not fused_combine:
         block_h = triton.next_power_of_2(num_heads)
         _combine_splits_kernel[(num_tokens,)](
             out, part_max, part_sum, part_acc, query_start_loc, num_reqs, num_splits,
