@@ -363,8 +363,8 @@ def paged_attention(
     """Causal paged attention of a mixed step; see the module docstring for the design.
 
     ``num_splits``: KV partitions per (query tile, KV head); 1 writes the output directly,
-    more adds a small combine launch (none with ``split_counters``). None chooses from the batch (``choose_num_splits``);
-    a captured CUDA graph keeps the choice made at capture.
+    more adds a small combine launch (none with ``split_counters``). None chooses from the
+    batch (``choose_num_splits``); a captured CUDA graph keeps the choice made at capture.
     ``block_m``: rows (query tokens x heads of a group) per program, a power of two >= 16;
     None: 16 for a decode-only step, 64 otherwise.
     Fixed ``num_splits`` and ``block_m`` give each request a result independent of the
