@@ -45,6 +45,33 @@ class WeightUpdateError(RolloutError, ValueError):
     """A weight update named an unknown tensor or gave a wrong shape; nothing was changed."""
 
 
+class WeightSyncError(WeightUpdateError):
+    """A weight transfer from another process (broadcast, CUDA IPC, a Ray call) was malformed,
+    out of bounds or cut off. The data is refused before anything is written; on a broadcast
+    both sides end the transfer with this error, so neither waits for the other."""
+
+
+class NonFiniteError(RolloutError, ValueError):
+    """NaN or inf where a finite number is required: in new weights (nothing is copied), or
+    in a request's logits during generation (that request ends with this error; the others
+    continue). ``request_ids`` names the requests affected, when there are any."""
+
+    def __init__(self, msg: str, request_ids: tuple[str, ...] = ()) -> None:
+        super().__init__(msg)
+        self.request_ids = request_ids
+
+
+class EngineStepError(RolloutError, RuntimeError):
+    """A step failed inside the engine (not because of bad input, which is refused at
+    submission). The step was rolled back: no request lost a token, the KV the step may
+    have written is dropped, and the engine is usable; ``__cause__`` is the original error."""
+
+
+class PeerFailureError(RolloutError, RuntimeError):
+    """Another rank of a collective (a tensor-parallel peer, a weight sender) died or did not
+    answer within the timeout. The local engine's weights are unchanged."""
+
+
 class EngineSleepingError(RolloutError, RuntimeError):
     """The call needs memory that is released by ``sleep``; call ``wake_up`` first."""
 
