@@ -12,6 +12,9 @@ from rollout.errors import InvalidRequestError
 GREEDY_EPS = 1e-5
 # Bound on top-logprobs per step: each one costs a dict entry per generated token.
 MAX_LOGPROBS = 20
+# Bound on samples per prompt: each is a request with its own state, created at submission.
+# Far above RL group sizes (8-512); a larger n is a typo, not a workload.
+MAX_N = 4096
 # Which distribution ``logprobs`` are reported under (see SamplingParams).
 LOGPROBS_MODES = ("processed", "scaled", "raw")
 
@@ -33,8 +36,9 @@ class RequestOutputKind(enum.IntEnum):
 class SamplingParams:
     """How to sample one prompt's completions.
 
-    Field names and meanings follow vLLM. ``temperature=0`` is greedy. ``top_k`` 0 or -1
-    disables top-k. ``max_tokens=None`` generates until a stop condition or the model length.
+    Field names and meanings follow vLLM. ``n`` is at most ``MAX_N`` (4096). ``temperature=0``
+    is greedy. ``top_k`` 0 or -1 disables top-k, else at most the model's vocabulary (checked
+    on submission, where the model is known). ``max_tokens=None`` generates until a stop condition or the model length.
 
     ``logprobs=k`` returns, per generated token, the sampled token's logprob plus the ``k``
     most likely tokens (``k=0``: the sampled token only) and fills
@@ -100,8 +104,8 @@ class SamplingParams:
         def bad(name: str, allowed: str) -> InvalidRequestError:
             return InvalidRequestError(f"SamplingParams.{name}", getattr(self, name), allowed)
 
-        if not _is_int(self.n) or self.n < 1:
-            raise bad("n", "an int >= 1")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"an int in [1, {MAX_N}]")
         if not _is_real(self.temperature) or self.temperature < 0:
             raise bad("temperature", "a finite float >= 0 (0 is greedy)")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:

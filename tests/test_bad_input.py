@@ -11,7 +11,7 @@ import torch
 
 from rollout.entrypoints.llm import LLM
 from rollout.errors import CheckpointError, InvalidRequestError, PlatformError
-from rollout.sampling_params import MAX_LOGPROBS, SamplingParams
+from rollout.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from tests.helpers.models import VOCAB
 
 MAX_MODEL_LEN = 64
@@ -50,9 +50,10 @@ def assert_names(err: pytest.ExceptionInfo, field: str, allowed: str) -> None:
 NAN, INF = math.nan, math.inf
 BAD_PARAMS = [
     # id, kwargs, field, fragment of what is allowed
-    ("n=0", dict(n=0), "n", "an int >= 1"),
-    ("n=1.5", dict(n=1.5), "n", "an int >= 1"),
-    ("n=True", dict(n=True), "n", "an int >= 1"),
+    ("n=0", dict(n=0), "n", f"an int in [1, {MAX_N}]"),
+    ("n=1.5", dict(n=1.5), "n", f"an int in [1, {MAX_N}]"),
+    ("n=True", dict(n=True), "n", f"an int in [1, {MAX_N}]"),
+    ("n=10**7", dict(n=10**7), "n", f"an int in [1, {MAX_N}]"),
     ("temperature=-1", dict(temperature=-1), "temperature", "a finite float >= 0"),
     ("temperature=nan", dict(temperature=NAN), "temperature", "a finite float >= 0"),
     ("temperature=inf", dict(temperature=INF), "temperature", "a finite float >= 0"),
@@ -112,8 +113,10 @@ def test_good_sampling_params_edge_values():
 
 @pytest.mark.parametrize(
     "field,value,allowed",
-    [("temperature", -1.0, "a finite float >= 0"), ("n", 0, "an int >= 1"), ("stop", "abc", "list of non-empty str")],
-    ids=["temperature", "n", "stop-str"],
+    [("temperature", -1.0, "a finite float >= 0"), ("n", 0, f"an int in [1, {MAX_N}]"),
+     ("n", 10**7, f"an int in [1, {MAX_N}]"), ("stop", "abc", "list of non-empty str"),
+     ("top_k", 10**30, f"an int in [1, {VOCAB}] (the vocabulary), or 0 / -1 to disable")],
+    ids=["temperature", "n", "n-huge", "stop-str", "top_k-huge"],
 )
 def test_params_changed_after_construction_are_checked_on_submission(llm, reference, field, value, allowed):
     sp = SamplingParams(temperature=0.0, max_tokens=4)
@@ -209,6 +212,16 @@ def test_one_bad_prompt_stops_the_whole_batch(llm, reference):
     assert not llm.engine.has_unfinished_requests()
     assert (llm.engine.num_steps, llm.engine.num_generated_tokens) == (steps, tokens)
     assert_still_works(llm, reference)
+
+
+@pytest.mark.parametrize("top_k", [VOCAB + 1, 10**30])
+def test_top_k_beyond_the_vocabulary(llm, reference, top_k):
+    with pytest.raises(InvalidRequestError) as err:
+        llm.generate(REF_PROMPTS, SamplingParams(top_k=top_k, max_tokens=4))
+    assert_names(err, f"SamplingParams.top_k={top_k}", f"an int in [1, {VOCAB}]")
+    assert_still_works(llm, reference)
+    # The whole vocabulary is a valid top-k (it keeps every token).
+    assert len(llm.generate([5, 6], SamplingParams(top_k=VOCAB, max_tokens=3, seed=0))[0].outputs[0].token_ids) == 3
 
 
 def test_stop_token_id_outside_vocab(llm):

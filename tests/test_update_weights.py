@@ -4,6 +4,8 @@ and weight_version. fp32 throughout, so "equal" means bitwise."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,6 +137,17 @@ def _replace_last(sd, tensor):
     return items
 
 
+def _replace_mid(sd, tensor, name=NORM):
+    """B's tensors with ``name`` replaced by ``tensor`` and moved after all the others."""
+    return [(n, t) for n, t in sd.items() if n != name] + [(name, tensor)]
+
+
+def _with(t, index, value):
+    t = t.clone()
+    t.view(-1)[index] = value
+    return t
+
+
 BAD_UPDATES = [
     # id, named tensors built from B's state dict, fragment of the message
     ("unknown", lambda sd: {"model.layers.0.mlp.extra_proj.weight": torch.zeros(4, 4)},
@@ -147,6 +160,21 @@ BAD_UPDATES = [
     ("int-dtype", lambda sd: {NORM: torch.ones(64, dtype=torch.int32)},
      f"tensor {NORM!r} has dtype torch.int32, expected a floating-point dtype"),
     ("bool-dtype-last", lambda sd: _replace_last(sd, torch.ones(64, dtype=torch.bool)), "has dtype torch.bool"),
+    # Everything the copy relies on is checked before the first copy, wherever the bad
+    # tensor sits in the stream (here: after every other tensor of B).
+    ("meta-mid-stream", lambda sd: _replace_mid(sd, torch.empty(64, device="meta")), "is on the meta device"),
+    ("sparse-mid-stream", lambda sd: _replace_mid(sd, torch.ones(64).to_sparse()), "expected a dense (strided) tensor"),
+    ("sparse-csr-mid-stream", lambda sd: _replace_mid(sd, sd[DOWN1].to_sparse_csr(), DOWN1),
+     f"tensor {DOWN1!r} has layout torch.sparse_csr"),
+    ("complex-mid-stream", lambda sd: _replace_mid(sd, torch.ones(64, dtype=torch.complex64)), "has dtype torch.complex64"),
+    ("int-mid-stream", lambda sd: _replace_mid(sd, torch.ones(64, dtype=torch.int64)), "has dtype torch.int64"),
+    ("quantized-mid-stream", lambda sd: _replace_mid(sd, torch.quantize_per_tensor(torch.ones(64), 0.1, 0, torch.qint8)),
+     "is quantized"),
+    ("nan-mid-stream", lambda sd: _replace_mid(sd, _with(sd[NORM], 7, float("nan"))), f"tensor {NORM!r} holds NaN or inf"),
+    ("inf-mid-stream", lambda sd: _replace_mid(sd, _with(sd[NORM], 0, float("inf"))), f"tensor {NORM!r} holds NaN or inf"),
+    ("-inf-last", lambda sd: [*sd.items()][:-1] + [(list(sd)[-1], _with(list(sd.values())[-1], -1, float("-inf")))],
+     "holds NaN or inf"),
+    ("nan-bf16", lambda sd: {NORM: _with(sd[NORM], 3, float("nan")).bfloat16()}, "holds NaN or inf"),
     ("twice", lambda sd: [(Q0, sd[Q0]), (Q0, sd[Q0])], f"tensor {Q0!r} given twice"),
     ("twice-after-all", lambda sd: [*sd.items(), (Q0, sd[Q0])], f"tensor {Q0!r} given twice"),
     ("not-a-pair-last", lambda sd: [*sd.items(), (NORM,)], "is tuple, expected a (str, torch.Tensor) pair"),
@@ -191,7 +219,7 @@ def test_load_weights_refuses_pickle_and_bad_dirs(a_dir, b_dir, sd_b, a_out, b_o
     assert greedy(llm) == b_out and llm.weight_version == 1
 
 
-@pytest.mark.parametrize("version", ["2", 1.0, True])
+@pytest.mark.parametrize("version", ["2", 1.0, True, -5])
 def test_bad_version_changes_nothing(version, a_dir, sd_b, a_out):
     llm = make_llm(a_dir)
     before = snapshot(llm)
@@ -254,5 +282,111 @@ def test_weight_version(a_dir, b_dir, sd_a, sd_b):
     assert llm.weight_version == 10 and versions() == {10}
     llm.load_weights(str(b_dir))
     assert llm.weight_version == 11 and versions() == {11}
-    llm.load_weights(str(a_dir), version=3)  # the trainer's step counter: any int
+    with pytest.raises(InvalidRequestError, match="allow_version_decrease=True"):
+        llm.load_weights(str(a_dir), version=3)  # versions never go back by accident
+    assert llm.weight_version == 11 and versions() == {11}
+    llm.load_weights(str(a_dir), version=3, allow_version_decrease=True)  # a trainer restarting its count
     assert llm.weight_version == 3 and versions() == {3}
+    llm.update_weights({NORM: sd_a[NORM]}, version=3)  # the same version again is not going back
+    assert llm.weight_version == 3
+
+
+# ---- checkpoints: confined, checked before the copy -------------------------------------
+def _sharded(b_dir, sd_b, dst, shard_names):
+    """B as a sharded checkpoint in ``dst``: the index names ``shard_names`` (one per half)."""
+    from safetensors.torch import save_file
+
+    model_dir_with(b_dir, {}, dst)
+    (dst / "model.safetensors").unlink()
+    names = sorted(sd_b)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for shard, part in zip(shard_names, halves):
+        target = dst / shard
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: sd_b[n].contiguous() for n in part}, target, metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return dst
+
+
+def test_sharded_checkpoint_loads(a_dir, b_dir, sd_b, b_out, tmp_path):
+    llm = make_llm(a_dir)
+    assert llm.load_weights(_sharded(b_dir, sd_b, tmp_path / "ok", ["a.safetensors", "sub/b.safetensors"])) == len(sd_b)
+    assert greedy(llm) == b_out
+
+
+def test_checkpoint_index_cannot_leave_its_directory(a_dir, b_dir, sd_b, a_out, tmp_path):
+    """A shard named by an absolute path, by "..", or through a symlink that leads out is
+    refused before any file is opened; the weights and version stay."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    cases = {
+        "dotdot": ["a.safetensors", "../elsewhere/b.safetensors"],
+        "absolute": ["a.safetensors", str(outside / "b.safetensors")],
+        "not-safetensors": ["a.safetensors", "b.bin"],
+    }
+    llm = make_llm(a_dir)
+    before = snapshot(llm)
+    for case, shards in cases.items():
+        ckpt = _sharded(b_dir, sd_b, tmp_path / case / "ckpt", shards)
+        with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+            llm.load_weights(ckpt)
+    link_dir = model_dir_with(b_dir, {}, tmp_path / "link")
+    (link_dir / "model.safetensors").unlink()
+    from safetensors.torch import save_file
+
+    save_file({n: t.contiguous() for n, t in sd_b.items()}, outside / "real.safetensors")
+    (link_dir / "model.safetensors").symlink_to(outside / "real.safetensors")
+    with pytest.raises(CheckpointError, match="resolve outside it"):
+        llm.load_weights(link_dir)
+    assert changed(before, snapshot(llm)) == set() and llm.weight_version == 0
+    assert greedy(llm) == a_out
+
+
+def test_nonfinite_checkpoint_changes_nothing(a_dir, b_dir, sd_b, a_out, b_out, tmp_path):
+    last = sorted(sd_b)[-1]
+    bad = model_dir_with(b_dir, {**sd_b, last: torch.full_like(sd_b[last], float("nan"))}, tmp_path / "nan")
+    llm = make_llm(a_dir)
+    before = snapshot(llm)
+    with pytest.raises(CheckpointError, match=f"tensor {last!r} holds NaN or inf"):
+        llm.load_weights(bad)
+    assert changed(before, snapshot(llm)) == set() and llm.weight_version == 0
+    assert greedy(llm) == a_out
+    llm.load_weights(bad, check_finite=False)  # the caller's choice: loaded as given
+    assert llm.weight_version == 1
+    llm.load_weights(b_dir)
+    assert greedy(llm) == b_out
+
+
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda llm: llm.update_weights(None), "named_tensors=None"),
+        (lambda llm: llm.update_weights(5), "named_tensors=5"),
+        (lambda llm: llm.update_weights("model.norm.weight"), "named_tensors='model.norm.weight'"),
+        (lambda llm: llm.update_weights(torch.ones(3)), "named_tensors=tensor"),
+        (lambda llm: llm.update_weights({}, check_finite="yes"), "check_finite='yes'"),
+        (lambda llm: llm.update_weights({}, version=-5), "version=-5"),
+        (lambda llm: llm.load_weights(None), "path=None"),
+        (lambda llm: llm.load_weights(5), "path=5"),
+        (lambda llm: llm.wake_up(5), "tags=5"),
+        (lambda llm: llm.wake_up("weights"), "tags='weights'"),
+        (lambda llm: llm.wake_up(["weights", "gpu"]), "tags=['weights', 'gpu']"),
+        (lambda llm: llm.abort(None), "request_ids=None"),
+        (lambda llm: llm.abort(5), "request_ids=5"),
+        (lambda llm: llm.abort([1, 2]), "request_ids=[1, 2]"),
+        (lambda llm: llm.mark_partial_update(None), "loaded=None"),
+    ],
+    ids=["update-None", "update-int", "update-str", "update-tensor", "check_finite-str", "version-negative",
+         "load-None", "load-int", "wake-int", "wake-str", "wake-unknown-tag", "abort-None", "abort-int",
+         "abort-ints", "mark-None"],
+)
+def test_bad_arguments_are_typed_and_change_nothing(call, field, a_dir, a_out):
+    llm = make_llm(a_dir)
+    before = snapshot(llm)
+    with pytest.raises(InvalidRequestError) as info:
+        call(llm)
+    assert field in str(info.value)
+    assert changed(before, snapshot(llm)) == set() and llm.weight_version == 0
+    assert greedy(llm) == a_out

@@ -125,7 +125,12 @@ class InputProcessor:
             )
 
     def check_params(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot check alone: token ids must exist in this model."""
+        """What SamplingParams cannot check alone: token ids must exist in this model, and
+        top-k cannot keep more tokens than it has."""
+        if params.top_k > self.vocab_size:
+            raise InvalidRequestError(
+                "SamplingParams.top_k", params.top_k, f"an int in [1, {self.vocab_size}] (the vocabulary), or 0 / -1 to disable"
+            )
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise InvalidRequestError("SamplingParams.stop_token_ids", bad, f"token ids in [0, {self.vocab_size})")

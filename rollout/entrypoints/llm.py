@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from rollout.errors import (
 from rollout.memory.manager import MemoryManager, move_params_into_arena
 from rollout.models.loader import build_model, init_dummy_weights, read_checkpoint
 from rollout.models.updater import WeightUpdater
+from rollout.models.weights import tensor_problem
 from rollout.outputs import RequestOutput
 from rollout.platforms import get_platform
 from rollout.sampling_params import RequestOutputKind, SamplingParams
@@ -34,6 +36,7 @@ from rollout.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger(__name__)
 
 _DEFAULT_MAX_BATCHED_TOKENS = 8192
+_MEMORY_TAGS = ("weights", "kv_cache")
 
 
 class LLM:
@@ -266,7 +269,12 @@ class LLM:
         the tokens and logprobs generated so far; their KV blocks are freed. Returns the
         final output of each request aborted (its stream or blocking call gets it too). An
         id that is unknown or already finished is skipped with a logged warning."""
-        return self._frontend.abort(request_ids)
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        if isinstance(ids, Iterable) and not isinstance(ids, (bytes, dict)):
+            ids = list(ids)
+        if not isinstance(ids, list) or not all(isinstance(r, str) for r in ids):
+            raise InvalidRequestError("request_ids", request_ids, "a request id (str) or an iterable of them")
+        return self._frontend.abort(ids)
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is unfinished, or an output still waits for ``step()``."""
@@ -369,6 +377,10 @@ class LLM:
         the addresses are the ones before sleep. Raises WakeOOMError, with nothing left
         half-mapped, when the device has no room; waking what is awake is a no-op."""
         self._require_open("wake_up")
+        if tags is not None and (
+            not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t in _MEMORY_TAGS for t in tags)
+        ):
+            raise InvalidRequestError("tags", tags, f"None or a list of {list(_MEMORY_TAGS)}")
         t0 = time.perf_counter()
         woken = self.memory.wake_up(tags)
         if woken:
@@ -379,24 +391,33 @@ class LLM:
         """Bytes held per tag: ``{"weights": {"device": n, "host": m}, "kv_cache": {...}}``."""
         return self.memory.memory_usage()
 
-    def update_weights(self, named_tensors: Any, version: int | None = None) -> int:
-        """Load new weights in place from (HF name, tensor) pairs: any device, any floating
-        dtype, any subset of the model's weights (fused q/k/v and gate/up and tied
-        embeddings map as in checkpoint loading). Every name and shape is checked before
-        the first copy; on a problem ``WeightUpdateError`` names it and the old weights stay.
-        On success the prefix cache is reset and ``weight_version`` is bumped (or set to
-        ``version``); requests in flight (say, paused) keep their tokens and recompute their
-        KV under the new weights. Returns the number of tensors loaded."""
+    def update_weights(
+        self, named_tensors: Any, version: int | None = None, *, check_finite: bool = True,
+        allow_version_decrease: bool = False,
+    ) -> int:
+        """Load new weights in place from (HF name, tensor) pairs (a dict or an iterable of
+        pairs): any device, any floating dtype, any subset of the model's weights (fused
+        q/k/v and gate/up and tied embeddings map as in checkpoint loading).
+
+        A transaction: every name, shape, dtype and layout is checked first, and with
+        ``check_finite`` (default) every tensor is checked for NaN and inf (one min/max pass
+        per tensor, one host read); only then is anything copied. On a problem
+        ``WeightUpdateError`` names it and the old weights stay, bit for bit, with the same
+        ``weight_version``. On success the prefix cache is reset and ``weight_version`` is
+        bumped, or set to ``version`` (an int >= 0, not below the current version unless
+        ``allow_version_decrease``); requests in flight (say, paused) keep their tokens and
+        recompute their KV under the new weights. Returns the number of tensors loaded."""
         self._require_awake("update_weights", tags=("weights",))
-        self._check_version(version)
-        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
-        shapes = []
-        for i, item in enumerate(items):
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], torch.Tensor)):
-                raise WeightUpdateError(f"named_tensors[{i}] is {type(item).__name__}, expected a (str, torch.Tensor) pair")
-            shapes.append((item[0], item[1].shape, item[1].dtype))
-        n = self._updater.apply(shapes, (t for _, t in items), require_all=False, error_cls=WeightUpdateError)
+        self._check_version(version, allow_version_decrease, check_finite)
+        items = _named_tensor_pairs(named_tensors)
+        problems = [p for name, t in items if (p := tensor_problem(name, t)) is not None]
+        if problems:
+            raise WeightUpdateError("; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+        shapes = [(name, t.shape, t.dtype) for name, t in items]
+        n = self._updater.apply(
+            shapes, lambda: (t for _, t in items), require_all=False, error_cls=WeightUpdateError,
+            check_finite=check_finite,
+        )
         self._after_update(version)
         return n
 
@@ -405,21 +426,43 @@ class LLM:
         of updates failed after loading the HF names in ``loaded``. The weights it did not reach
         are older than those it did, so generation is refused (``EngineSleepingError``) until
         ``update_weights`` or ``load_weights`` loads them too. Returns how many are stale."""
+        if not isinstance(loaded, (set, frozenset, list, tuple)) or not all(isinstance(n, str) for n in loaded):
+            raise InvalidRequestError("loaded", loaded, "a set of HF weight names (str)")
         return self._updater.mark_stale_except(set(loaded))
 
-    def load_weights(self, path: str, version: int | None = None) -> int:
-        """``update_weights`` from a safetensors checkpoint directory (pickle is refused)."""
+    def load_weights(
+        self, path: str | os.PathLike, version: int | None = None, *, check_finite: bool = True,
+        allow_version_decrease: bool = False,
+    ) -> int:
+        """``update_weights`` from a safetensors checkpoint directory (pickle is refused; a
+        sharded checkpoint's index may name only files inside the directory). With
+        ``check_finite`` the checkpoint is read twice (a NaN/inf pass, then the copy) so a
+        bad tensor anywhere leaves the old weights untouched."""
         self._require_awake("load_weights", tags=("weights",))
-        self._check_version(version)
-        shapes, tensors = read_checkpoint(path)
-        n = self._updater.apply(shapes, tensors, require_all=False, error_cls=CheckpointError)
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidRequestError("path", path, "a str or os.PathLike: a safetensors checkpoint directory")
+        self._check_version(version, allow_version_decrease, check_finite)
+        shapes, open_tensors = read_checkpoint(path)
+        n = self._updater.apply(
+            shapes, open_tensors, require_all=False, error_cls=CheckpointError, check_finite=check_finite
+        )
         self._after_update(version)
         return n
 
-    @staticmethod
-    def _check_version(version: int | None) -> None:
-        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-            raise InvalidRequestError("version", version, "None or an int")
+    def _check_version(self, version: int | None, allow_decrease: bool, check_finite: bool) -> None:
+        for name, flag in (("allow_version_decrease", allow_decrease), ("check_finite", check_finite)):
+            if not isinstance(flag, bool):
+                raise InvalidRequestError(name, flag, "a bool")
+        if version is None:
+            return
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise InvalidRequestError("version", version, "None or an int >= 0")
+        current = self.engine.weight_version
+        if version < current and not allow_decrease:
+            raise InvalidRequestError(
+                "version", version,
+                f"an int >= the current weight_version={current} (allow_version_decrease=True goes back)",
+            )
 
     def _after_update(self, version: int | None) -> None:
         # KV computed with the old weights is stale, cached prefixes and in-flight requests
@@ -446,6 +489,24 @@ class LLM:
                 f"reached by a streamed update that failed part-way) "
                 f"(e.g. {missing[:3]}); call update_weights or load_weights with them first"
             )
+
+
+def _named_tensor_pairs(named_tensors: Any) -> list[tuple[str, Any]]:
+    """``update_weights``' argument as a list of (name, value) pairs; the values are checked
+    by ``tensor_problem``."""
+    if isinstance(named_tensors, dict):
+        items = list(named_tensors.items())
+    elif isinstance(named_tensors, (str, bytes, torch.Tensor)) or not isinstance(named_tensors, Iterable):
+        raise InvalidRequestError(
+            "named_tensors", named_tensors, "a dict or an iterable of (HF name, torch.Tensor) pairs"
+        )
+    else:
+        items = list(named_tensors)
+    for i, item in enumerate(items):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise WeightUpdateError(f"named_tensors[{i}] is {type(item).__name__}, expected a (str, torch.Tensor) pair")
+    return [(name, t) for name, t in items]
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,13 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if (path / _INDEX_FILE).is_file():
         return _indexed_files(path / _INDEX_FILE)
     files = sorted(path.glob("*.safetensors"))
+    root = path.resolve()
+    outside = [f.name for f in files if not _inside(root, f.name)]
+    if outside:  # a symlink that leads out of the directory
+        raise CheckpointError(
+            f"{str(path)!r} holds *.safetensors entries that resolve outside it: {outside[:_MAX_LISTED]}; "
+            "allowed: files inside the checkpoint directory"
+        )
     if files:
         return files
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -74,10 +81,28 @@ def _indexed_files(index: Path) -> list[Path]:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"unreadable {str(index)!r}: {type(e).__name__}: {e}") from e
-    missing = [n for n in names if not (index.parent / n).is_file()]
+    root = index.parent.resolve()
+    # The index is data: a shard name must be a plain file name inside the directory (no
+    # absolute path, no "..", no symlink that leads out), or nothing is read.
+    outside = [n for n in names if not _inside(root, n)]
+    if outside:
+        raise CheckpointError(
+            f"{str(index)!r} names shard file(s) outside the checkpoint directory: {outside[:_MAX_LISTED]}; "
+            "allowed: *.safetensors files inside it"
+        )
+    missing = [n for n in names if not (root / n).is_file()]
     if missing:
         raise CheckpointError(f"{str(index)!r} names shard file(s) that do not exist: {missing[:_MAX_LISTED]}")
-    return [index.parent / n for n in names]
+    return [root / n for n in names]
+
+
+def _inside(root: Path, name: object) -> bool:
+    if not isinstance(name, str) or not name.endswith(".safetensors") or "\0" in name:
+        return False
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        return False
+    return (root / rel).resolve().is_relative_to(root)
 
 
 def load_named_tensors(
@@ -93,12 +118,13 @@ def load_named_tensors(
     Raises ``error_cls`` listing the problems before anything is copied. Returns the
     number of tensors loaded.
     """
-    return WeightUpdater(model).apply(shapes, tensors, require_all=require_all, error_cls=error_cls)
+    return WeightUpdater(model).apply(shapes, lambda: tensors, require_all=require_all, error_cls=error_cls)
 
 
-def read_checkpoint(path: str | Path) -> tuple[list[tuple[str, torch.Size, torch.dtype]], Iterator[torch.Tensor]]:
+def read_checkpoint(path: str | Path) -> tuple[list[tuple[str, torch.Size, torch.dtype]], Callable[[], Iterator[torch.Tensor]]]:
     """(name, shape, dtype) of every tensor of a safetensors checkpoint directory, read from
-    the headers only, and a lazy stream of the tensors in the same order."""
+    the headers only, and a function that opens a lazy stream of the tensors in the same
+    order (each call a new stream: a validation pass can read them before the copy)."""
     files = checkpoint_files(path)
     shapes = []
     for f in files:
@@ -110,13 +136,13 @@ def read_checkpoint(path: str | Path) -> tuple[list[tuple[str, torch.Size, torch
                     shapes.append((name, torch.Size(sl.get_shape()), dtype))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{str(f)!r} is not a readable safetensors file: {e}") from e
-    return shapes, _stream(files)
+    return shapes, lambda: _stream(files)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> int:
     """Load every tensor of a safetensors checkpoint directory; all-or-nothing on errors."""
-    shapes, tensors = read_checkpoint(path)
-    return load_named_tensors(model, shapes, tensors, require_all=True)
+    shapes, open_tensors = read_checkpoint(path)
+    return load_named_tensors(model, shapes, open_tensors(), require_all=True)
 
 
 def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:

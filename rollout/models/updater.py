@@ -9,12 +9,12 @@ updates have written every one of them again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from rollout.models.weights import WeightMap, copy_weights, plan_load
+from rollout.models.weights import WeightMap, copy_weights, nonfinite_names, plan_load
 
 _MAX_LISTED = 10
 
@@ -43,19 +43,36 @@ class WeightUpdater:
     def apply(
         self,
         shapes: list[tuple[str, torch.Size, torch.dtype]],
-        tensors: Iterable[torch.Tensor],
+        open_tensors: Callable[[], Iterable[torch.Tensor]],
         *,
         require_all: bool,
         error_cls: type[Exception],
+        check_finite: bool = False,
     ) -> int:
-        """Validate ``shapes`` (name, shape, dtype per tensor), then stream ``tensors`` (same
-        order) into the model. Raises ``error_cls`` listing every problem before any copy.
-        Returns the number of tensors copied."""
+        """Validate ``shapes`` (name, shape, dtype per tensor), then copy the tensors that
+        ``open_tensors()`` yields (same order) into the model. Every check happens before
+        the first copy, so an error leaves every weight as it was: names, shapes and dtypes
+        from ``shapes``; then, with ``check_finite``, a pass over the tensors (a second
+        ``open_tensors()``, which must yield the same tensors) for NaN and infinity. Raises
+        ``error_cls`` listing the problems. Returns the number of tensors copied."""
         targets, problems = plan_load(self.weight_map, shapes, require_all=require_all)
         if problems:
-            more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-            raise error_cls("; ".join(problems[:_MAX_LISTED]) + more)
+            raise error_cls(_listed(problems))
         wanted = {t.hf_name for t in targets}
-        copy_weights(targets, (t for (name, _, _), t in zip(shapes, tensors) if name in wanted))
+
+        def selected() -> Iterable[tuple[str, torch.Tensor]]:
+            return ((name, t) for (name, _, _), t in zip(shapes, open_tensors()) if name in wanted)
+
+        if check_finite:
+            bad = nonfinite_names(selected())
+            if bad:
+                raise error_cls(_listed([f"tensor {n!r} holds NaN or inf" for n in bad]) +
+                                " (nothing was copied; check_finite=False skips this check)")
+        copy_weights(targets, (t for _, t in selected()))
         self._missing.difference_update((id(t.param), t.shard_id) for t in targets)
         return len(targets)
+
+
+def _listed(problems: list[str]) -> str:
+    more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+    return "; ".join(problems[:_MAX_LISTED]) + more

@@ -138,6 +138,54 @@ def plan_load(
     return targets, problems
 
 
+def tensor_problem(hf_name: str, tensor: object) -> str | None:
+    """What keeps ``tensor`` from being copied into a weight, or None. Everything the copy
+    relies on beyond the name and shape (those are ``plan_load``'s): a dense tensor with
+    data, of a floating dtype, not a distributed shard."""
+    if not isinstance(tensor, torch.Tensor):
+        return f"tensor {hf_name!r} is a {type(tensor).__name__}, expected a torch.Tensor"
+    if tensor.is_meta:
+        return f"tensor {hf_name!r} is on the meta device (it has no data)"
+    if tensor.is_nested or tensor.layout != torch.strided:
+        return f"tensor {hf_name!r} has layout {tensor.layout}, expected a dense (strided) tensor"
+    if tensor.is_quantized:
+        return f"tensor {hf_name!r} is quantized, expected a floating-point tensor"
+    if _is_dtensor(tensor):
+        return f"tensor {hf_name!r} is a DTensor shard: gather it first (full_tensor())"
+    if not tensor.dtype.is_floating_point:
+        return f"tensor {hf_name!r} has dtype {tensor.dtype}, expected a floating-point dtype"
+    return None
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def nonfinite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity. One min/max pass per tensor (NaN
+    propagates through both, so a tensor is finite iff its min and max are); the flags stay
+    on their device until one host read per device at the end."""
+    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in named_tensors:
+        if tensor.numel() == 0:
+            continue
+        if tensor.dtype.itemsize == 1:  # fp8: no min/max kernels
+            finite = torch.isfinite(tensor.float()).all()
+        else:
+            lo, hi = torch.aminmax(tensor)
+            finite = torch.isfinite(lo) & torch.isfinite(hi)
+        flags.setdefault(finite.device, []).append((name, finite))
+    bad = []
+    for entries in flags.values():
+        ok = torch.stack([f for _, f in entries]).tolist()
+        bad += [name for (name, _), good in zip(entries, ok) if not good]
+    return bad
+
+
 def copy_weights(targets: list[WeightTarget], tensors: Iterable[torch.Tensor]) -> None:
     """Phase two: copy each (already validated) tensor into its parameter, in place."""
     with torch.no_grad():
