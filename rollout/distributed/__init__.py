@@ -2,7 +2,10 @@
 
 from rollout.distributed.agreement import NoAgreementCheck, TPAgreementCheck
 from rollout.distributed.communication import (
+    all_gather,
+    all_reduce,
     min_over_group,
+    peer_failure,
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
@@ -11,16 +14,20 @@ from rollout.distributed.data_parallel import (
     gather_from_dp,
     split_for_dp,
 )
-from rollout.distributed.parallel_state import ParallelConfig, init_parallel
+from rollout.distributed.parallel_state import ParallelConfig, group_timeout, init_parallel
 
 __all__ = [
     "NoAgreementCheck",
     "ParallelConfig",
     "TPAgreementCheck",
+    "all_gather",
+    "all_reduce",
     "dp_rank_and_size",
     "gather_from_dp",
+    "group_timeout",
     "init_parallel",
     "min_over_group",
+    "peer_failure",
     "split_for_dp",
     "tensor_model_parallel_all_gather",
     "tensor_model_parallel_all_reduce",

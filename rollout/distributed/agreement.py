@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rollout.distributed.communication import all_gather
 from rollout.errors import ParallelMismatchError
 
 _PROMPT, _STEP = 1, 2
@@ -72,7 +73,7 @@ class TPAgreementCheck(NoAgreementCheck):
         what each was doing)."""
         mine = torch.tensor([kind, index, count, digest], dtype=torch.int64, device=self.device)
         parts = [torch.empty_like(mine) for _ in range(self.size)]
-        dist.all_gather(parts, mine, group=self.group)
+        all_gather(parts, mine, self.group)
         rows = [p.tolist() for p in parts]
         for r, row in enumerate(rows[1:], start=1):
             if row != rows[0]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rollout.distributed.communication import all_gather
 from rollout.distributed.parallel_state import ParallelConfig
 
 
@@ -56,12 +57,12 @@ def gather_from_dp(local_results: list, parallel: ParallelConfig | None, device:
     data = torch.frombuffer(bytearray(json.dumps(list(local_results)).encode()), dtype=torch.uint8).to(device)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
+    all_gather(sizes, size, None)
     lengths = [int(s.item()) for s in sizes]
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
     padded[: data.numel()] = data
     parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
+    all_gather(parts, padded, None)
     out: list = []
     for r in range(0, world, tp):  # one rank per replica: TP rank 0 of each group
         out.extend(json.loads(bytes(parts[r][: lengths[r]].cpu().tolist()).decode()))

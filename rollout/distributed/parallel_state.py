@@ -4,11 +4,17 @@ The engine never calls ``init_process_group``: the caller (torchrun, a trainer) 
 ``tensor_parallel_size=k`` the world is cut into consecutive groups of k ranks
 (``[0..k-1], [k..2k-1], ...``); each group is one tensor-parallel model, the groups are
 data-parallel replicas (``dp_rank = rank // k``).
+
+Every collective is bounded by its group's timeout (gloo honours it; see communication.py
+for what a failure becomes). ``dist.new_group`` does not inherit the world's timeout (it
+falls back to torch's default, 30 min for gloo), so the groups made here are given the
+world's: a caller who set ``init_process_group(timeout=...)`` gets that bound everywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -33,10 +39,25 @@ class ParallelConfig:
             raise ValueError("tensor_parallel_size > 1 needs a tp_group")
 
 
-def init_parallel(tensor_parallel_size: int, tp_group: Any = None) -> ParallelConfig:
+def group_timeout(group: Any = None) -> timedelta | None:
+    """The timeout ``group``'s collectives run under (None: the world), or None where the
+    backend does not expose it. torch has no public getter: it sits on the backend's
+    options (gloo and NCCL alike)."""
+    pg = group if group is not None else dist.group.WORLD
+    for device in pg._device_types:
+        try:
+            return pg._get_backend(device).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    return None
+
+
+def init_parallel(tensor_parallel_size: int, tp_group: Any = None, timeout: timedelta | None = None) -> ParallelConfig:
     """The parallel config of this rank. Every rank of the world must call it, in the same
     order (``dist.new_group`` is collective over the world), unless ``tp_group`` is given:
-    then that group (of ``tensor_parallel_size`` ranks, this one among them) is used as is."""
+    then that group (of ``tensor_parallel_size`` ranks, this one among them) is used as is,
+    with the timeout its creator gave it. The groups made here get ``timeout``, by default
+    the world's."""
     k = tensor_parallel_size
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise InvalidRequestError("tensor_parallel_size", k, "an int >= 1")
@@ -59,9 +80,11 @@ def init_parallel(tensor_parallel_size: int, tp_group: Any = None) -> ParallelCo
         if tp_rank < 0:
             raise InvalidRequestError("tp_group", "a group without this rank", f"a group containing rank {rank}")
         return ParallelConfig(k, tp_group, tp_rank, rank // k, world // k)
+    if timeout is None:
+        timeout = group_timeout()
     mine = None
     for first in range(0, world, k):  # every group, same order on every rank
-        group = dist.new_group(list(range(first, first + k)))
+        group = dist.new_group(list(range(first, first + k)), timeout=timeout, group_desc=f"tp{first // k}")
         if first <= rank < first + k:
             mine = group
     return ParallelConfig(k, mine, rank % k, rank // k, world // k)

@@ -3,7 +3,9 @@
 A two-rank job: the pytest side calls ``run_job(__file__, job, job_dir)``; the script's
 ``__main__`` runs each rank's cases inside ``with rank_job(rank, port, job_dir) as (job, res):``
 and fills ``res``, which ``run_job`` returns per rank (JSON through ``job_dir``). The world
-is gloo unless the job says ``"backend": "nccl"`` (then rank r runs on ``cuda:r``).
+is gloo unless the job says ``"backend": "nccl"`` (then rank r runs on ``cuda:r``); its
+collectives time out after the job's ``"timeout_s"`` (default 60). Fault tests that end a
+rank on purpose pass the ``exit_codes`` they expect.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(script: str | Path, *args: str, timeout: float) -> None:
+def run_two_ranks(script: str | Path, *args: str, timeout: float, exit_codes: tuple[int, int] = (0, 0)) -> list[str]:
     """``python script RANK PORT *args`` for ranks 0 and 1; fails with both logs unless both
-    exit 0 within ``timeout`` seconds (a stuck collective fails instead of hanging)."""
+    exit with ``exit_codes`` within ``timeout`` seconds (a stuck collective fails instead of
+    hanging). Returns each rank's output."""
     # The checkout first, then whatever the caller had (packages installed beside it).
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -62,16 +65,21 @@ def run_two_ranks(script: str | Path, *args: str, timeout: float) -> None:
                 p.kill()
                 p.wait()
     what = f"timed out after {timeout:.0f}s" if timed_out else f"exit codes {[p.returncode for p in procs]}"
-    assert not timed_out and [p.returncode for p in procs] == [0, 0], what + "\n" + "\n".join(
+    assert not timed_out and [p.returncode for p in procs] == list(exit_codes), what + "\n" + "\n".join(
         f"---- rank {r} ----\n{log}" for r, log in enumerate(logs))
+    return logs
 
 
-def run_job(script: str | Path, job: dict, job_dir: Path, *, timeout: float) -> list[dict]:
+def run_job(
+    script: str | Path, job: dict, job_dir: Path, *, timeout: float, exit_codes: tuple[int, int] = (0, 0),
+) -> list[dict | None]:
     """Write ``job`` to ``job_dir/job.json``, run ``script`` as ranks 0 and 1 (see
-    ``run_two_ranks``) and return the results each rank wrote, in rank order."""
+    ``run_two_ranks``) and return the results each rank wrote, in rank order (None for a
+    rank that wrote none: one that ended itself on purpose)."""
     (job_dir / "job.json").write_text(json.dumps(job))
-    run_two_ranks(script, str(job_dir), timeout=timeout)
-    return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    run_two_ranks(script, str(job_dir), timeout=timeout, exit_codes=exit_codes)
+    files = [job_dir / f"rank{r}.json" for r in (0, 1)]
+    return [json.loads(f.read_text()) if f.exists() or exit_codes[r] == 0 else None for r, f in enumerate(files)]
 
 
 @contextlib.contextmanager
@@ -88,7 +96,7 @@ def rank_job(rank: int, port: int, job_dir: str) -> Iterator[tuple[dict, dict]]:
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=job.get("timeout_s", 60)))
     res: dict = {}
     try:
         yield job, res
