@@ -52,13 +52,16 @@ class WeightSyncError(WeightUpdateError):
 
 
 class NonFiniteError(RolloutError, ValueError):
-    """NaN or inf where a finite number is required: in new weights (nothing is copied), or
-    in a request's logits during generation (that request ends with this error; the others
-    continue). ``request_ids`` names the requests affected, when there are any."""
+    """A request's logits turned NaN or inf during generation: that sample ends with
+    finish_reason "error" (the bad token is not kept) and the others continue.
+    ``request_ids`` names the prompts affected; from ``generate``, ``outputs`` holds every
+    prompt's final RequestOutput (raised once the whole batch has finished). Non-finite
+    *weights* are refused by ``update_weights`` as a ``WeightUpdateError`` instead."""
 
-    def __init__(self, msg: str, request_ids: tuple[str, ...] = ()) -> None:
+    def __init__(self, msg: str, request_ids: tuple[str, ...] = (), outputs: list | None = None) -> None:
         super().__init__(msg)
         self.request_ids = request_ids
+        self.outputs = outputs
 
 
 class EngineStepError(RolloutError, RuntimeError):

@@ -43,7 +43,7 @@ class CompletionOutput:
     token_ids: list[int]
     logprobs: SampleLogprobs | None = None
     token_logprobs: list[float] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (NaN/inf logits)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     cumulative_logprob: float | None = None
     token_weight_versions: list[int] = field(default_factory=list)
@@ -60,7 +60,8 @@ class RequestOutput:
     From ``LLM.step()`` and ``generate_stream`` a request yields one output per step in
     which any of its samples advanced (a snapshot or a delta, see ``RequestOutputKind``);
     the last one has ``finished=True``. ``weight_version`` is the version at submission;
-    per-token versions are in ``CompletionOutput.token_weight_versions``.
+    per-token versions are in ``CompletionOutput.token_weight_versions``. ``error`` is set
+    when a sample's logits turned non-finite (see ``rollout.errors.NonFiniteError``).
     """
 
     request_id: str
@@ -72,3 +73,6 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first sample)
     weight_version: int = 0  # LLM.weight_version when the request was submitted
     metrics: dict[str, float] = field(default_factory=dict)
+    # Set on the final output when a sample ended with finish_reason "error" (a
+    # rollout.errors.NonFiniteError naming them); streams and generate raise it.
+    error: Exception | None = None

@@ -13,6 +13,7 @@ from rollout.engine.model_runner import ModelRunner, StepHandle
 from rollout.engine.output_processor import OutputProcessor
 from rollout.engine.request import PromptLogprobsSpec, Request, RequestStatus
 from rollout.engine.scheduler import Scheduler, SchedulerOutput
+from rollout.errors import EngineStepError, RolloutError
 from rollout.outputs import RequestOutput
 from rollout.platforms import Platform
 from rollout.sampling_params import SamplingParams
@@ -101,7 +102,16 @@ class LLMEngine:
         step N's; the step that launches nothing drains the pipeline. A request that stops
         in step N has had one more token computed in step N+1, which is thrown away."""
         sched = self.scheduler.schedule()
-        launched = None if sched.is_empty else (sched, self.runner.launch(sched))
+        try:
+            launched = None if sched.is_empty else (sched, self.runner.launch(sched))
+        except Exception as e:
+            self._roll_back(sched)
+            if isinstance(e, RolloutError):  # typed already (a dead tensor-parallel peer, say)
+                raise
+            raise EngineStepError(
+                f"engine step failed ({type(e).__name__}: {e}); the step was rolled back: requests keep their "
+                "tokens and recompute their KV at the next step"
+            ) from e
         outs, self._ready = self._ready, []
         previous, self._inflight = self._inflight, launched
         if previous is not None:
@@ -109,6 +119,15 @@ class LLMEngine:
         elif launched is None and self.scheduler.has_unfinished_requests():
             raise RuntimeError("scheduler made no progress with requests pending (engine bug)")
         return outs
+
+    def _roll_back(self, sched: SchedulerOutput) -> None:
+        """Undo a step whose launch failed: its tokens will never come back, and the KV its
+        requests had scheduled (and hashed into the prefix cache) may be half written. The
+        step before it is read back as usual; then every running request goes back to
+        waiting with its tokens (recomputed at the next step, as after a preemption) and no
+        cached prefix survives."""
+        self.scheduler.roll_back(sched)
+        self.drop_kv_cache()
 
     def flush(self) -> None:
         """Read back the step in flight (its outputs come with the next ``step()``), so the
@@ -131,6 +150,12 @@ class LLMEngine:
             num_have = req.prompt_logprobs_spec.start - 1 + len(req.prompt_logprobs)
             if start <= num_have:
                 req.prompt_logprobs.extend(entries[num_have - start :])
+        errored = []
+        if run.nonfinite_req_ids:
+            # NaN/inf logits: the token is dropped and the sample ends; the others go on.
+            errored = self.scheduler.finish_requests(run.nonfinite_req_ids, RequestStatus.FINISHED_ERROR)
+            logger.warning("non-finite logits: %d request(s) ended with an error: %s", len(errored),
+                           [r.req_id for r in errored][:10])
         advanced, _ = self.scheduler.update(sched, dict(zip(run.req_ids, run.sampled_token_ids)))
         lp_of = dict(zip(run.req_ids, run.logprobs))
         stopped = []
@@ -146,8 +171,8 @@ class LLMEngine:
                 stopped.append(req.req_id)
         self.num_generated_tokens += len(advanced)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        # Every finished request got a token this step, so ``advanced`` covers them all.
-        return self.outputs.step_outputs(advanced)
+        # Every other finished request got a token this step, so ``advanced`` covers them.
+        return self.outputs.step_outputs(advanced + errored)
 
     def reset_prefix_cache(self) -> None:
         self.flush()

@@ -33,6 +33,8 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None]
     # req_id -> (first prompt position covered, entries): prompt logprobs of this step's chunk.
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # Requests whose kept sample has a NaN/inf logprob: their logits were not finite.
+    nonfinite_req_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class StepHandle:
 
     req_ids: list[str]
     # Host copies (in flight until ``done``) of: sampled ids, their logprobs, ranks, top-k
-    # ids and logprobs (the last four None unless a row asked for logprobs).
+    # ids and logprobs (the last three None unless a row asked for logprobs).
     host: list[torch.Tensor | None]
     done: Any  # Platform.record_step_done marker
     want_logprobs: bool
@@ -206,9 +208,11 @@ class ModelRunner:
         b.pending_pos_cpu[done_rows] = done_pos
         self._last_sampled = out.sampled_token_ids
         want_lp = smd.max_num_logprobs is not None
+        # The sampled logprobs always come back (a float a row): NaN or inf anywhere in a row's
+        # logits makes its log-normaliser, so its sampled logprob, non-finite.
         host = [None if t is None else t.to("cpu", non_blocking=True) for t in (
             out.sampled_token_ids,
-            out.sampled_logprobs if want_lp else None, out.sampled_ranks if want_lp else None,
+            out.sampled_logprobs, out.sampled_ranks if want_lp else None,
             out.topk_token_ids if want_lp else None, out.topk_logprobs if want_lp else None,
         )]
         return StepHandle(
@@ -227,6 +231,10 @@ class ModelRunner:
         # Rows dropped or handed to another request since the launch take nothing.
         live = b.row_gen_cpu[handle.done_rows] == handle.done_gens
         b.token_ids_cpu[handle.done_rows[live], handle.done_pos[live]] = sampled_t[handle.done_idx[live]]
+        nonfinite: list[str] = []
+        if not bool(torch.isfinite(lp_t).all()):  # rare: one check a step otherwise
+            bad = handle.done_idx[~torch.isfinite(lp_t[handle.done_idx])].tolist()
+            nonfinite = [handle.req_ids[i] for i in bad]
         logprobs: list[TokenLogprobs | None] = [None] * len(handle.req_ids)
         if handle.want_logprobs:
             lp, ranks = lp_t.tolist(), ranks_t.tolist()
@@ -239,7 +247,7 @@ class ModelRunner:
                 vals = top_lp[i][:k] if top_lp else []
                 keep = [j for j, v in enumerate(vals) if v != float("-inf")]
                 logprobs[i] = TokenLogprobs(lp[i], ranks[i], [ids[j] for j in keep], [vals[j] for j in keep])
-        return ModelRunnerOutput(handle.req_ids, sampled, logprobs, handle.prompt_logprobs)
+        return ModelRunnerOutput(handle.req_ids, sampled, logprobs, handle.prompt_logprobs, nonfinite)
 
     def _use_graphs(self, rows: torch.Tensor, md: AttentionMetadata) -> bool:
         """Replay a graph for steps of single-token requests none of which needs the hidden

@@ -19,6 +19,7 @@ from typing import Any
 
 from rollout.engine.detokenizer import IncrementalDetokenizer, detokenize_one
 from rollout.engine.request import Request, RequestStatus, TokenLogprobs
+from rollout.errors import NonFiniteError
 from rollout.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from rollout.sampling_params import RequestOutputKind, SamplingParams
 
@@ -159,6 +160,7 @@ class OutputProcessor:
             request_id=state.request_id, prompt=state.prompt, prompt_token_ids=list(state.prompt_token_ids),
             outputs=outputs, finished=finished, prompt_logprobs=self._prompt_logprobs(state, delta, finished),
             num_cached_tokens=state.children[0].req.num_cached_tokens, weight_version=state.weight_version,
+            error=_error_of(state) if finished else None,
         )
 
     def _final_text(self, c: ChildState, params: SamplingParams) -> str:
@@ -198,3 +200,14 @@ class OutputProcessor:
 
     def _text(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else detokenize_one(self.tokenizer, token_id)
+
+
+def _error_of(state: ParentState) -> NonFiniteError | None:
+    bad = [i for i, c in enumerate(state.children) if c.req.status == RequestStatus.FINISHED_ERROR]
+    if not bad:
+        return None
+    return NonFiniteError(
+        f"request {state.request_id!r}: the logits of sample(s) {bad} turned NaN or inf during generation "
+        "(finish_reason 'error'; their last token was dropped); the model's weights or inputs hold non-finite values",
+        (state.request_id,),
+    )

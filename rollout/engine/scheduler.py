@@ -123,6 +123,15 @@ class Scheduler:
             self._preempt(self.running.pop(), out)
         self._removed |= out.removed_req_ids
 
+    def roll_back(self, out: SchedulerOutput) -> None:
+        """The step ``out`` was scheduled but never ran: its samples will not come back, and
+        the rows it told the runner to drop are dropped by the next step instead. The caller
+        then preempts the running requests (their KV of this step was never written)."""
+        self._removed |= out.removed_req_ids
+        for req in out.sampling_reqs:
+            if not req.is_finished and req.num_pending_tokens > 0:
+                req.num_pending_tokens -= 1
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -60,6 +60,8 @@ class AsyncDriver:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:  # NaN/inf logits: this stream fails, the others go on
+                    raise item.error
                 yield item
         finally:
             if not finished:

@@ -23,7 +23,7 @@ from rollout.entrypoints.async_driver import AsyncDriver
 from rollout.entrypoints.frontend import RequestFrontend
 from rollout.entrypoints.model_source import ModelSource
 from rollout.errors import (
-    CheckpointError, EngineSleepingError, EngineStateError, InvalidRequestError, WeightUpdateError,
+    CheckpointError, EngineSleepingError, EngineStateError, InvalidRequestError, NonFiniteError, WeightUpdateError,
 )
 from rollout.memory.manager import MemoryManager, move_params_into_arena
 from rollout.models.loader import build_model, init_dummy_weights, read_checkpoint
@@ -208,7 +208,9 @@ class LLM:
         dicts ``{"prompt_token_ids": [...]}``. ``sampling_params``: one for all prompts or
         one per prompt. Every prompt and parameter is validated before any work starts, so an
         ``InvalidRequestError`` leaves the engine as it was. Returns one RequestOutput per
-        prompt, in prompt order (final outputs, whatever ``output_kind`` says).
+        prompt, in prompt order (final outputs, whatever ``output_kind`` says). A sample whose
+        logits turn NaN/inf ends with finish_reason "error" while the others run on; once all
+        have finished, ``NonFiniteError`` is raised with every output in ``.outputs``.
         """
         batch = self._frontend.prepare_batch("generate", prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(batch)
@@ -221,6 +223,7 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
+        _raise_if_nonfinite(results)
         return results
 
     def generate_iter(
@@ -256,7 +259,10 @@ class LLM:
         by ``add_request``: one per request that got tokens in it, shaped by its
         ``SamplingParams.output_kind`` (default CUMULATIVE: everything generated so far),
         the last one with ``finished=True``. Steps overlap: a call launches the next step
-        and returns what the previous one produced (so the first call returns []). Outputs
+        and returns what the previous one produced (so the first call returns []). A final
+        output whose ``error`` is set had a sample end with finish_reason "error" (NaN/inf
+        logits). A step that fails inside the engine is rolled back (``EngineStepError``):
+        requests keep their tokens and go on at the next call. Outputs
         made while another call drove the engine (``generate``, the async loop) come with
         the next ``step()``."""
         if not self._frontend.paused and self.engine.has_unfinished_requests():
@@ -334,8 +340,8 @@ class LLM:
         batch = self._frontend.prepare_score(sequences, prompt_lens, temperature)
         todo = [i for i, sub in enumerate(batch) if sub.score.start < len(sub.prompt.token_ids)]
         reqs: dict[int, Request] = {}
-        for _ in self._frontend.collect([batch[i] for i in todo], reqs):
-            pass
+        outs = [out for _, out in self._frontend.collect([batch[i] for i in todo], reqs)]
+        _raise_if_nonfinite([o for o in outs if o is not None])
         results: list[list[float]] = [[] for _ in batch]
         for j, i in enumerate(todo):
             results[i] = [e.logprob for e in reqs[j].prompt_logprobs]
@@ -489,6 +495,16 @@ class LLM:
                 f"reached by a streamed update that failed part-way) "
                 f"(e.g. {missing[:3]}); call update_weights or load_weights with them first"
             )
+
+
+def _raise_if_nonfinite(outputs: list[RequestOutput]) -> None:
+    bad = [o for o in outputs if o.error is not None]
+    if bad:
+        raise NonFiniteError(
+            f"{len(bad)} of {len(outputs)} prompts had samples whose logits turned NaN or inf "
+            f"(finish_reason 'error'), e.g. {bad[0].error}; every output is in this error's .outputs",
+            tuple(o.request_id for o in bad), outputs,
+        )
 
 
 def _named_tensor_pairs(named_tensors: Any) -> list[tuple[str, Any]]:
