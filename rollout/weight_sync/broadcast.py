@@ -3,30 +3,44 @@
 The caller creates the process group (NCCL for GPUs, gloo for CPU) and calls
 ``send_weights`` on the ``src`` rank while every other rank of the group calls
 ``recv_weights`` (or ``recv_all``). ``src`` is a global rank, as in ``dist.broadcast``.
+The wire protocol (``protocol``) has a vote after each header and each bucket's metadata,
+and a commit vote at the end, so whichever side finds a problem, both sides stop:
 
-Wire protocol, per bucket, all broadcast from ``src``:
-  1. header   ``[2]`` int64: (JSON length, buffer length) in bytes
-  2. metadata ``[JSON length]`` uint8: ``metas_to_json`` as UTF-8 (validated on receipt)
-  3. buffer   ``[buffer length]`` uint8: the packed bucket
-and finally an end marker: a header of (0, 0).
+- a receiver refusing a bucket (bad header or metadata, no memory), or whose consumer stops
+  reading early: every rank raises ``WeightSyncError``, nothing more of the transfer moves;
+- a sender failing part-way (its iterator raised, a tensor could not be packed): it sends an
+  abort header and both sides raise ``WeightSyncError``;
+- a peer dying or hanging: the next collective fails within the group's timeout with
+  ``PeerFailureError`` (then destroy the group).
+
+After a ``WeightSyncError`` the same ranks can run the next transfer. ``send_weights``
+returns only when every receiver took every bucket. On a receiver,
+``llm.update_weights(recv_weights(...))`` lists the whole stream before its first copy, so
+a transfer that fails at any point leaves the engine's weights unchanged, bit for bit.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from rollout.errors import WeightUpdateError
-from rollout.weight_sync.bucket import (
-    DEFAULT_BUCKET_BYTES,
-    Bucket,
-    metas_from_json,
-    metas_to_json,
-    pack,
-    unpack,
+from rollout.errors import WeightSyncError, WeightUpdateError
+from rollout.weight_sync.bucket import DEFAULT_BUCKET_BYTES, Bucket, metas_to_json, pack, unpack
+from rollout.weight_sync.protocol import (
+    ABORT,
+    BUCKET,
+    DEFAULT_MAX_BUCKET_BYTES,
+    END,
+    NO_MEMORY,
+    REFUSED_HEADER,
+    REFUSED_METADATA,
+    STOPPED,
+    Link,
 )
+from rollout.weight_sync.schema import MAX_JSON_BYTES, metas_from_json
 
 
 def send_weights(
@@ -40,28 +54,39 @@ def send_weights(
     """Broadcast every tensor from this rank (which must be ``src``); return how many were sent.
 
     ``device`` holds the staging buffers and must suit the group's backend (a CUDA device for
-    NCCL, cpu for gloo); by default each bucket stays on its first tensor's device and the end
-    marker goes on the last bucket's device (cpu when nothing was sent).
+    NCCL, cpu for gloo); by default each bucket stays on its first tensor's device and the
+    headers go on the last bucket's device (cpu before the first). Raises
+    ``WeightSyncError`` when this side fails part-way (the cause chained) or a receiver
+    refuses, ``PeerFailureError`` when a receiver dies or times out.
     """
     if dist.get_rank() != src:
         raise WeightUpdateError(f"send_weights must run on src={src}, not rank {dist.get_rank()}")
-    num_tensors = 0
     last_device = torch.device(device or "cpu")
-    for bucket in pack(named_tensors, bucket_bytes, device):
+    link = Link.open(src, group, last_device)
+    buckets = pack(named_tensors, bucket_bytes, device)
+    num_tensors = 0
+    for index in itertools.count():
+        where = f"weight transfer from rank {src}, bucket {index}"
+        try:
+            bucket = next(buckets, None)
+            payload = b"" if bucket is None else metas_to_json(bucket.metas).encode()
+            if len(payload) > MAX_JSON_BYTES:
+                raise WeightSyncError(f"{len(payload)} bytes of metadata, more than MAX_JSON_BYTES={MAX_JSON_BYTES}")
+        except Exception as e:  # noqa: BLE001 - whatever stopped this side, the receivers must stop too
+            link.send_header(ABORT, 0, 0, last_device)
+            raise WeightSyncError(f"{where}: the sender failed ({type(e).__name__}: {e}); aborted on every rank") from e
+        if bucket is None:
+            link.send_header(END, 0, 0, last_device)
+            link.vote_or_raise(None, 0, last_device, f"{where} (the end)")  # the commit
+            return num_tensors
         last_device = bucket.buffer.device
-        payload = metas_to_json(bucket.metas).encode()
-        _send_header(len(payload), bucket.buffer.numel(), src, group, last_device)
-        meta_bytes = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        dist.broadcast(meta_bytes.to(last_device), src, group=group)
-        dist.broadcast(bucket.buffer, src, group=group)
+        link.send_header(BUCKET, len(payload), bucket.buffer.numel(), last_device)
+        link.vote_or_raise(None, 0, last_device, where)
+        link.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(last_device), "metadata")
+        link.vote_or_raise(None, 0, last_device, where)
+        link.broadcast(bucket.buffer, "a bucket")
         num_tensors += len(bucket.metas)
-    _send_header(0, 0, src, group, last_device)
-    return num_tensors
-
-
-def _send_header(json_nbytes: int, buffer_nbytes: int, src, group, device) -> None:
-    header = torch.tensor([json_nbytes, buffer_nbytes], dtype=torch.int64, device=device)
-    dist.broadcast(header, src, group=group)
+    raise AssertionError("unreachable")  # itertools.count() does not end
 
 
 def recv_weights(
@@ -69,53 +94,76 @@ def recv_weights(
     src: int,
     group: dist.ProcessGroup | None = None,
     device: torch.device | str,
+    max_bucket_bytes: int = DEFAULT_MAX_BUCKET_BYTES,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, view)`` for every tensor ``src`` sends, bucket by bucket.
 
     Every bucket is received into its own buffer, so a view stays valid for as long as it is
-    referenced: ``update_weights(recv_weights(...))`` may hold the whole stream to check every
+    referenced: ``update_weights(recv_weights(...))`` holds the whole stream to check every
     name and shape before its first copy (then the received weights are all resident at
-    once); ``trainers_integration.update_weights_in_buckets`` holds one chunk at a time.
-    (Reusing one buffer would save allocations but silently corrupt any view kept past its
-    bucket.) Every rank must consume the stream to the end marker to stay in step with the
-    group. Closing the generator after it started (use
-    ``contextlib.closing`` when the loop body may raise), or a malformed bucket, receives and
-    drops the rest of the stream first; a malformed bucket then raises ``WeightUpdateError``.
+    once); ``trainers_integration.update_weights_in_buckets`` holds one chunk at a time (and
+    on a failure part-way marks what it did not reach stale). (Reusing one buffer would save
+    allocations but silently corrupt any view kept past its bucket.)
+
+    Every bucket is checked before its buffer is allocated: a header whose buffer exceeds
+    ``max_bucket_bytes``, or metadata that ``schema.metas_from_json`` refuses, aborts the
+    transfer on every rank with ``WeightSyncError``. Read the stream to its end: a consumer
+    that stops early (closing the generator; use ``contextlib.closing`` when the loop body
+    may raise) makes this rank refuse the next header, so the sender and the other receivers
+    raise ``WeightSyncError`` too (``close`` itself does not raise it).
     """
-    while True:
-        json_nbytes, buffer_nbytes = _recv_header(src, group, device)
-        if json_nbytes == 0:
+    if not isinstance(max_bucket_bytes, int) or isinstance(max_bucket_bytes, bool) or max_bucket_bytes < 0:
+        raise WeightUpdateError(f"max_bucket_bytes must be an int >= 0, got {max_bucket_bytes!r}")
+    device = torch.device(device)
+    link = Link.open(src, group, device)
+    for index in itertools.count():
+        where = f"weight transfer from rank {src}, bucket {index}"
+        header = link.recv_header(device)
+        if header.is_abort:
+            raise WeightSyncError(f"{where}: the sender aborted the transfer")
+        # Validate, then allocate: nothing is sized by a length that was not checked first.
+        problem, reason, meta_bytes = header.problem(max_bucket_bytes), REFUSED_HEADER, None
+        if problem is None and header.kind == BUCKET:
+            meta_bytes, problem = _allocate(header.json_nbytes, device)
+            reason = NO_MEMORY
+        link.vote_or_raise(problem, reason, device, where)
+        if header.kind == END:
             return
-        meta_bytes = torch.empty(json_nbytes, dtype=torch.uint8, device=device)
-        dist.broadcast(meta_bytes, src, group=group)
-        view = torch.empty(buffer_nbytes, dtype=torch.uint8, device=device)
-        dist.broadcast(view, src, group=group)
-        # Here a whole bucket has been received: stopping now leaves the stream at a bucket
-        # boundary, so draining keeps the group in step.
+        link.broadcast(meta_bytes, "metadata")
+        buffer = None
         try:
-            metas = metas_from_json(bytes(meta_bytes.cpu().tolist()), buffer_nbytes)
-            yield from unpack(Bucket(metas, view))
-        except (WeightUpdateError, GeneratorExit):
-            _drain(src, group, device)
+            metas = metas_from_json(meta_bytes.cpu().numpy().tobytes(), header.buffer_nbytes)
+        except WeightSyncError as e:
+            problem, reason = str(e), REFUSED_METADATA
+        else:
+            buffer, problem = _allocate(header.buffer_nbytes, device)
+            reason = NO_MEMORY
+        link.vote_or_raise(problem, reason, device, where)
+        link.broadcast(buffer, "a bucket")
+        try:
+            yield from unpack(Bucket(metas, buffer))
+        except BaseException:  # closed early, or an error thrown in: refuse what comes next
+            _refuse_rest(link, device, where)
             raise
+    raise AssertionError("unreachable")  # itertools.count() does not end
 
 
-def _recv_header(src: int, group, device) -> tuple[int, int]:
-    """(JSON bytes, buffer bytes) of the next bucket; (0, 0) is the end marker."""
-    header = torch.empty(2, dtype=torch.int64, device=device)
-    dist.broadcast(header, src, group=group)
-    json_nbytes, buffer_nbytes = header.tolist()
-    return json_nbytes, buffer_nbytes
+def _allocate(nbytes: int, device: torch.device) -> tuple[torch.Tensor | None, str | None]:
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device), None
+    except (RuntimeError, MemoryError) as e:  # an out-of-memory error is a RuntimeError
+        return None, f"could not allocate {nbytes} bytes on {device}: {str(e)[:200]}"
 
 
-def _drain(src: int, group, device) -> None:
-    """Receive and drop buckets up to the end marker, so the group stays in step."""
-    while True:
-        json_nbytes, buffer_nbytes = _recv_header(src, group, device)
-        if json_nbytes == 0:
-            return
-        for n in (json_nbytes, buffer_nbytes):
-            dist.broadcast(torch.empty(n, dtype=torch.uint8, device=device), src, group=group)
+def _refuse_rest(link: Link, device: torch.device, where: str) -> None:
+    """This rank's consumer stopped after a bucket: answer the next header with a refusal, so
+    every rank ends the transfer (an ABORT needs no answer)."""
+    if link.recv_header(device).is_abort:
+        return
+    try:
+        link.vote_or_raise("the consumer stopped reading the stream", STOPPED, device, where)
+    except WeightSyncError:
+        pass  # expected: the transfer is now aborted on every rank, as the consumer asked
 
 
 def recv_all(
@@ -123,7 +171,8 @@ def recv_all(
     src: int,
     group: dist.ProcessGroup | None = None,
     device: torch.device | str,
+    max_bucket_bytes: int = DEFAULT_MAX_BUCKET_BYTES,
 ) -> list[tuple[str, torch.Tensor]]:
     """Receive everything ``src`` sends as a list (views into the buckets' own buffers, none
     overlapping another)."""
-    return list(recv_weights(src=src, group=group, device=device))
+    return list(recv_weights(src=src, group=group, device=device, max_bucket_bytes=max_bucket_bytes))

@@ -4,16 +4,16 @@ A bucket is one flat ``uint8`` buffer plus a list of ``TensorMeta`` saying where
 lives in it. Transports move the buffer as raw bytes and the metadata as JSON (never pickle),
 and the receiver gets typed views with ``unpack``.
 
-Layout invariants (checked by ``metas_from_json`` for anything that crossed a process):
-- every offset is a multiple of the dtype's item size (``pack`` uses ``ALIGN`` = 256 bytes);
-- ``nbytes == prod(shape) * itemsize``; ``offset + nbytes <= len(buffer)``;
-- non-empty tensors never overlap; names are unique within a bucket.
+Layout invariants (``schema.metas_from_json`` checks them for anything that crossed a process):
+- tensors lie in the order listed, each at the first multiple of ``ALIGN`` (256 bytes) at or
+  after the end of the one before, so they never overlap and offsets suit every dtype;
+- ``nbytes == prod(shape) * itemsize``; the buffer ends where the last tensor ends;
+- names are unique within a bucket, which holds at most ``MAX_TENSORS_PER_BUCKET`` tensors.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -23,6 +23,9 @@ from rollout.errors import WeightUpdateError
 
 ALIGN = 256  # bytes; every tensor starts on a multiple of this in a packed buffer
 DEFAULT_BUCKET_BYTES = 512 << 20
+# Bounds the metadata a receiver must parse per bucket (many tiny tensors would otherwise
+# make one bucket's JSON as large as its data).
+MAX_TENSORS_PER_BUCKET = 1 << 16
 
 # Dtypes that may appear in metadata, by their torch attribute name ("bfloat16").
 _DTYPES: dict[str, torch.dtype] = {
@@ -34,7 +37,6 @@ _DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, name)
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_FIELDS = ("name", "dtype", "shape", "offset", "nbytes")
 
 
 @dataclass
@@ -67,7 +69,8 @@ def pack(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     device: torch.device | str | None = None,
 ) -> Iterator[Bucket]:
-    """Copy tensors into as few flat buffers as fit ``bucket_bytes``, keeping their order.
+    """Copy tensors into as few flat buffers as fit ``bucket_bytes`` (and
+    ``MAX_TENSORS_PER_BUCKET``), keeping their order.
 
     A tensor larger than ``bucket_bytes`` gets a bucket of its own. ``device`` is where the
     buffers live (default: the device of each bucket's first tensor). Inputs may be of any
@@ -81,7 +84,7 @@ def pack(
         name, tensor = _check_item(i, item)
         nbytes = tensor.numel() * tensor.element_size()
         offset = _align(end)
-        if pending and offset + nbytes > bucket_bytes:
+        if pending and (offset + nbytes > bucket_bytes or len(pending) == MAX_TENSORS_PER_BUCKET):
             yield _flush(pending, end, device)
             pending, offset = [], 0
         meta = TensorMeta(name, dtype_name(tensor.dtype), list(tensor.shape), offset, nbytes)
@@ -124,66 +127,3 @@ def unpack(bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
 
 def metas_to_json(metas: list[TensorMeta]) -> str:
     return json.dumps([asdict(m) for m in metas], separators=(",", ":"))
-
-
-def metas_from_json(s: str | bytes, buffer_nbytes: int | None = None) -> list[TensorMeta]:
-    """Parse and strictly validate metadata; ``buffer_nbytes`` also bounds every offset."""
-    try:
-        raw = json.loads(s)
-    except (ValueError, TypeError) as e:
-        raise WeightUpdateError(f"bucket metadata is not valid JSON: {e}") from None
-    if not isinstance(raw, list):
-        raise WeightUpdateError(f"bucket metadata must be a JSON list, got {type(raw).__name__}")
-    metas = [_meta_from_dict(i, entry) for i, entry in enumerate(raw)]
-    validate_layout(metas, buffer_nbytes)
-    return metas
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _meta_from_dict(i: int, entry) -> TensorMeta:
-    where = f"bucket metadata entry {i}"
-    if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
-        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise WeightUpdateError(f"{where}: expected exactly the keys {list(_FIELDS)}, got {keys}")
-    name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
-    where += f" ({name!r})"
-    if not isinstance(name, str) or not name:
-        raise WeightUpdateError(f"{where}: name must be a non-empty string")
-    if dtype not in _DTYPES:
-        raise WeightUpdateError(f"{where}: unknown dtype {dtype!r}; allowed: {sorted(_DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise WeightUpdateError(f"{where}: shape must be a list of ints >= 0, got {shape!r}")
-    for key in ("offset", "nbytes"):
-        if not _is_int(entry[key]) or entry[key] < 0:
-            raise WeightUpdateError(f"{where}: {key} must be an int >= 0, got {entry[key]!r}")
-    meta = TensorMeta(name, dtype, shape, entry["offset"], entry["nbytes"])
-    itemsize = _DTYPES[dtype].itemsize
-    if meta.nbytes != math.prod(shape) * itemsize:
-        raise WeightUpdateError(
-            f"{where}: nbytes={meta.nbytes} but shape {shape} of {dtype} needs "
-            f"{math.prod(shape) * itemsize}"
-        )
-    if meta.offset % itemsize:
-        raise WeightUpdateError(f"{where}: offset {meta.offset} not a multiple of {itemsize}")
-    return meta
-
-
-def validate_layout(metas: list[TensorMeta], buffer_nbytes: int | None = None) -> None:
-    """Unique names, no overlapping bytes, everything inside ``buffer_nbytes`` (if given)."""
-    seen: set[str] = set()
-    for meta in metas:
-        if meta.name in seen:
-            raise WeightUpdateError(f"bucket metadata: duplicate tensor {meta.name!r}")
-        seen.add(meta.name)
-        if buffer_nbytes is not None and meta.offset + meta.nbytes > buffer_nbytes:
-            raise WeightUpdateError(
-                f"bucket metadata ({meta.name!r}): bytes [{meta.offset}, "
-                f"{meta.offset + meta.nbytes}) out of range of a {buffer_nbytes}-byte buffer"
-            )
-    spans = sorted((m.offset, m.offset + m.nbytes, m.name) for m in metas if m.nbytes)
-    for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):
-        if start < prev_end:
-            raise WeightUpdateError(f"bucket metadata ({name!r}): overlaps {prev!r}")
