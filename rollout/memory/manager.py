@@ -3,7 +3,9 @@
 - ``sleep(1)``: weights copied to a host buffer (pinned on GPU), both arenas released.
 - ``sleep(2)``: both released, nothing kept; weights come back by update or reload.
 - ``wake_up(tags)``: re-back the named arenas (same addresses on CUDA) and restore weights
-  after a level-1 sleep. A wake that runs out of memory re-releases whatever it mapped.
+  after a level-1 sleep. A wake that runs out of memory re-releases whatever it mapped
+  (``wake_up()`` with room for the weights but not the KV cache leaves both asleep, the
+  host copy intact) and raises ``WakeOOMError``; a later wake may succeed.
   The KV cache comes back undefined, not zeroed: every attention backend reads only the
   slots below each sequence's length (``test_attention_ignores_unwritten_kv_slots``).
 
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from rollout.errors import InvalidRequestError
+from rollout.errors import InvalidRequestError, WakeOOMError
 from rollout.memory.arena import Arena, align_up
 
 TAGS = ("weights", "kv_cache")
@@ -87,7 +89,8 @@ class MemoryManager:
         unknown = [t for t in asked if t not in TAGS]
         if unknown or not asked:
             raise InvalidRequestError("tags", tags, f"None or a non-empty list of {list(TAGS)}")
-        woken = []
+        woken: list[str] = []
+        tag = ""
         try:
             for tag in (t for t in TAGS if t in asked):  # weights first: their copy overlaps the KV map
                 arena = self.arenas[tag]
@@ -96,9 +99,17 @@ class MemoryManager:
                     woken.append(tag)
                     if tag == "weights" and self._host_valid:
                         arena.tensor.copy_(self._host_weights, non_blocking=self.pin_host)
-        except BaseException:
-            for tag in woken:  # all or nothing (release waits for a copy in flight)
-                self.arenas[tag].release()
+        except BaseException as e:
+            # All or nothing, per call: what this call mapped goes back (release waits for a
+            # copy in flight); tags woken by earlier calls stay awake. The level-1 host copy
+            # is kept, so a later wake restores the weights all the same.
+            for t in woken:
+                self.arenas[t].release()
+            if isinstance(e, WakeOOMError):
+                undone = f"; {woken} put back to sleep" if woken else ""
+                raise WakeOOMError(
+                    f"wake_up({asked}): no room for {tag!r}{undone}; still asleep: {self.asleep_tags()} ({e})"
+                ) from e
             raise
         if "weights" in woken and self._host_valid:
             self.arenas["weights"].synchronize()  # the copy is done when wake_up returns
