@@ -381,7 +381,9 @@ class LLM:
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Take device memory back: ``tags`` from "weights", "kv_cache" (None: both). On CUDA
         the addresses are the ones before sleep. Raises WakeOOMError, with nothing left
-        half-mapped, when the device has no room; waking what is awake is a no-op."""
+        half-mapped, when the device has no room: all or nothing per call (the tags of this
+        call stay asleep; tags woken by earlier calls stay awake), and a later call may
+        succeed. Waking what is awake is a no-op."""
         self._require_open("wake_up")
         if tags is not None and (
             not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t in _MEMORY_TAGS for t in tags)
