@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from rollout.errors import InvalidRequestError
 from tests.helpers.engine_state import PROMPTS, greedy, make_llm
 from tests.helpers.ray_cluster import ROOT, WORKER_ENV, start_local_ray
 from tests.helpers.ray_workers import EngineWorker, as_plain
@@ -126,13 +127,40 @@ def test_error_on_one_rank_reaches_the_driver_naming_it(group):
     # Only plain data crosses: a tensor result is refused on the rank, a tensor argument at the driver.
     with pytest.raises(WorkerError, match="torch.Tensor") as e:
         group.call("tensor")
-    assert e.value.rank == 0 and e.value.exc_type == "TypeError"
+    assert e.value.rank == 0 and e.value.exc_type == "InvalidRequestError"
     import torch
 
-    with pytest.raises(TypeError, match=r"generate\(\) arguments\[0\]\[0\] is a torch.Tensor"):
+    with pytest.raises(InvalidRequestError, match=r"generate\(\) arguments\[0\]\[0\]=.*torch.Tensor"):
         group.split("generate", [torch.tensor([1, 2])])
-    with pytest.raises(AttributeError, match="no method 'nope'"):
+    with pytest.raises(InvalidRequestError, match="invalid method='nope'"):
         group.call("nope")
+
+
+@pytest.mark.slow
+def test_each_rank_refuses_what_the_driver_would(group, ray_cluster):
+    """Calls straight to the rank actors, past the driver's own checks: each rank refuses
+    names outside its allowlist and arguments that are not plain data, before running
+    anything, and stays usable."""
+    actor = group._actors[0]
+    seen = group.call("seen_prompts")
+    bad_calls = [
+        ("__class__", (), {}), ("__init__", ("x",), {}), ("_private", (), {}), ("llm", (), {}),
+        ("rank", (), {}), ("nope", (), {}), (b"info", (), {}),
+        ("fail_on", (object(),), {}), ("fail_on", ([[[0]]] * 1,), {"rank": {1: 2}}),
+        ("generate", (_nested(40),), {}), ("fail_on", "not a tuple", {}),
+    ]
+    for method, args, kwargs in bad_calls:
+        ok, err = ray_cluster.get(actor.call.remote(method, args, kwargs), timeout=30)
+        assert not ok and err["type"] == "InvalidRequestError", (method, err)
+    assert group.call("seen_prompts") == seen  # nothing ran: generate() never saw its bad argument
+    assert group.call("fail_on", 5) == [0, 1]
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 @pytest.mark.slow

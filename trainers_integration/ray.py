@@ -15,11 +15,15 @@ controller::
 
 The worker is built as ``worker_factory(*args, **kwargs)`` once the world is up: it reads
 its rank from ``torch.distributed`` (or RANK / WORLD_SIZE / LOCAL_RANK in its
-environment) and runs the same SPMD code as under torchrun. Only plain data crosses
-between driver and workers (call arguments and results; a tensor is refused with a
-``TypeError``): weights move inside each worker, trainer to engine, never through the
-driver. Worker classes are imported by name in the actors, so their module must be on
-the workers' path (``env_vars={"PYTHONPATH": ...}`` on a local cluster).
+environment) and runs the same SPMD code as under torchrun. A call may name only an
+allowed worker method (``methods=``, by default the worker class's public methods) and only
+plain data crosses between driver and workers (call arguments and results: None, bool,
+int, float, str, bytes, lists, tuples, dicts with str keys; a tensor or any other object is
+refused): both are checked at the driver and again on each rank, which refuses with
+``InvalidRequestError`` before running anything. Weights move inside each worker, trainer
+to engine, never through the driver. Worker classes are imported by name in the actors, so
+their module must be on the workers' path (``env_vars={"PYTHONPATH": ...}`` on a local
+cluster).
 
 Failures surface at the driver as typed errors naming the rank: ``WorkerError`` (an
 exception in the worker, with its remote traceback), ``WorkerDiedError`` (the actor's
@@ -40,7 +44,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rollout.distributed.data_parallel import dp_bounds
-from trainers_integration.ray_rank import RankActor, import_ray, refuse_tensors
+from rollout.errors import InvalidRequestError
+from trainers_integration.ray_rank import (
+    RankActor,
+    check_method_names,
+    check_plain,
+    import_ray,
+    public_methods,
+    refuse_tensors,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -160,14 +172,19 @@ class WorkerGroup:
 
     Needs ``ray.init()`` first (local, or ``address=`` of a cluster). Use as a context
     manager, or call ``shutdown``; building fails with the rank named when a worker cannot
-    be built, and then leaves nothing behind. ``shutdown`` calls each worker's ``close()``,
-    if it has one, before destroying the world: a worker holding an ``LLM`` shuts it down
-    there (``llm.shutdown()``), as NCCL cannot destroy a world whose all-reduces live on in
-    the engine's CUDA graphs.
+    be built, and then leaves nothing behind. ``methods`` names the worker methods that
+    ``call``/``split`` may run (default: the worker class's public methods); every rank
+    refuses any other name, private and dunder names included. ``shutdown`` calls each
+    worker's ``close()``, if it has one, before destroying the world: a worker holding an
+    ``LLM`` shuts it down there (``llm.shutdown()``), as NCCL cannot destroy a world whose
+    all-reduces live on in the engine's CUDA graphs.
     """
 
     def __init__(self, config: WorkerGroupConfig, worker_factory: Callable[..., Any],
-                 args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> None:
+                 args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                 methods: Sequence[str] | None = None) -> None:
+        cls = worker_factory if isinstance(worker_factory, type) else None
+        self._methods = check_method_names(methods, cls)  # None: the worker class's public methods
         self._ray = ray = import_ray()
         if not ray.is_initialized():
             raise WorkerGroupError("Ray is not initialised: call ray.init() (or ray.init(address=...)) first")
@@ -204,7 +221,7 @@ class WorkerGroup:
         inside are fine); the results in rank order. Raises ``WorkerError`` /
         ``WorkerDiedError`` / ``WorkerTimeoutError`` naming the rank."""
         self._check_method(method)
-        refuse_tensors((args, kwargs), f"{method}() arguments")
+        check_plain((args, kwargs), f"{method}() arguments")
         return self._run(method, [(args, kwargs)] * self.world_size)
 
     def split(self, method: str, items: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
@@ -214,7 +231,7 @@ class WorkerGroup:
         each replica). Every rank is called, an empty share included."""
         self._check_method(method)
         items = list(items)
-        refuse_tensors((items, args, kwargs), f"{method}() arguments")
+        check_plain((items, args, kwargs), f"{method}() arguments")
         shares = rank_shares(len(items), self.world_size, self.config.tensor_parallel_size)
         per_rank = self._run(method, [((items[lo:hi], *args), kwargs) for lo, hi in shares])
         out: list[Any] = []
@@ -296,16 +313,19 @@ class WorkerGroup:
                 "LOCAL_WORLD_SIZE": str(len(same_node)), "MASTER_ADDR": master, "MASTER_PORT": str(port),
             }
             refs.append(actor.setup.remote(env, one_node, cfg.dist_backend, cfg.collective_timeout_s,
-                                           self._factory, args, kwargs))
+                                           self._factory, args, kwargs,
+                                           None if self._methods is None else tuple(sorted(self._methods))))
         self._collect(refs, "setup", cfg.setup_timeout_s)
 
     # ---- calling ----
     def _check_method(self, method: str) -> None:
-        if not isinstance(method, str) or not method or method.startswith("_"):
-            raise ValueError(f"method must be the name of a public worker method, got {method!r}")
-        unknown = isinstance(self._factory, type) and not callable(getattr(self._factory, method, None))
-        if unknown:
-            raise AttributeError(f"{self._factory.__name__} has no method {method!r}")
+        # The ranks check again; this fails early, naming what is allowed.
+        allowed = self._methods
+        if allowed is None and isinstance(self._factory, type):
+            allowed = public_methods(self._factory)
+        if type(method) is not str or method.startswith("_") or (allowed is not None and method not in allowed):
+            what = f"one of the worker's allowed methods {sorted(allowed)}" if allowed is not None else "a public worker method"
+            raise InvalidRequestError("method", method, what)
 
     def _run(self, method: str, per_rank: list[tuple[tuple, dict]]) -> list[Any]:
         if self._broken:
