@@ -13,6 +13,9 @@ from rollout import LLM, SamplingParams
 from tests.helpers.hf_oracle import random_prompt
 from tests.helpers.models import build_model_dir
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 BLOCK = 8
 TURNS = 3
 NUM_CONVERSATIONS = 64

@@ -16,6 +16,9 @@ from rollout import LLM, SamplingParams
 from rollout.errors import InvalidRequestError
 from tests.helpers.hf_oracle import processed_logprobs, random_prompt
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 
 def _llm(path, **kwargs) -> LLM:
     kwargs.setdefault("num_kv_blocks", 128)  # the CPU default would allocate up to 2 GiB

@@ -15,6 +15,9 @@ from rollout import LLM, SamplingParams
 from tests.helpers.hf_oracle import HFOracle, random_prompt
 from tests.helpers.models import VARIANTS
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 ARCHS = list(VARIANTS)
 NUM_TOKENS = 10
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)

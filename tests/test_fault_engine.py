@@ -23,6 +23,9 @@ from rollout.models.registry import register_model
 from tests.helpers.engine_state import LOGPROB_TOL, assert_same_greedy, make_llm
 from tests.helpers.hf_oracle import random_prompt
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 EMBED = "model.embed_tokens.weight"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
 GOOD = [random_prompt(40, seed=11), random_prompt(5, seed=12)]

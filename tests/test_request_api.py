@@ -16,6 +16,9 @@ from tests.helpers.engine_state import LOGPROB_TOL
 from tests.helpers.hf_oracle import random_prompt
 from tests.helpers.models import build_model_dir
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 

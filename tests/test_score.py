@@ -14,6 +14,9 @@ from rollout.engine.sampler import LOGPROBS_MODE_IDS, Sampler, SamplingMetadata
 from rollout.errors import InvalidRequestError
 from tests.helpers.hf_oracle import processed_logprobs, random_prompt
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 MAX_MODEL_LEN = 96
 
 

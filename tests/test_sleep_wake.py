@@ -12,6 +12,9 @@ from rollout import SamplingParams
 from rollout.errors import EngineSleepingError, InvalidRequestError
 from tests.helpers.engine_state import GREEDY, PROMPTS, changed, greedy, make_llm, params_of, rss_bytes, snapshot
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 MiB = 1 << 20
 NUM_CYCLES = 20
 NUM_WARMUP = 2

@@ -11,7 +11,7 @@ import torch
 
 from rollout import LLM, SamplingParams
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = ["What is 2+3?", "Name a colour of the sky.", "Write one word that rhymes with cat."]

@@ -22,6 +22,9 @@ from rollout.errors import InvalidRequestError, UnsupportedModelError
 from tests.helpers.models import build_model_dir
 from tests.helpers.two_ranks import rank_job, run_job
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120  # the whole job; a stuck collective fails the test instead of hanging it
 MODELS = ("llama", "qwen3", "qwen2")  # untied; q/k norm; tied embeddings with q/k/v bias

@@ -27,6 +27,9 @@ from tests.test_tensor_parallel import (
     _tokens,
 )
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 DP_PROMPTS = PROMPTS + [[11, 12, 13, 14], [200, 201]]  # 5 prompts: shares of 3 and 2
 
 

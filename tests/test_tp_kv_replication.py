@@ -28,6 +28,9 @@ from tests.helpers.hf_oracle import HFOracle
 from tests.helpers.models import build_model_dir
 from tests.helpers.two_ranks import rank_job, run_job
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 TIMEOUT_S = 120  # the whole job; a stuck collective fails the test instead of hanging it
 # name -> (helper variant, q heads): one kv head each; qwen2 has q/k/v biases, tied embeddings.
 MODELS = {"llama_mqa": ("llama", 4), "qwen2_mqa": ("qwen2", 2)}

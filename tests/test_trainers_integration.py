@@ -37,6 +37,9 @@ from trainers_integration import (
 from trainers_integration.deepspeed_zero3 import layer_key
 from trainers_integration.fsdp2 import iter_full_weight_buckets
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 TIMEOUT_S = 90  # the whole two-process job; a stuck collective fails instead of hanging
 SMALL_BUCKET = 20_000  # bytes: several buckets for the tiny models (one 384x64 fp32 embedding is 98 KB)
 

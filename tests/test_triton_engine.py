@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

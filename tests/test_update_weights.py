@@ -22,6 +22,9 @@ from tests.helpers.engine_state import (
     snapshot,
 )
 
+# Compares numbers across computations: run again with another thread count (.ci/run).
+pytestmark = pytest.mark.numerics
+
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 K0 = "model.layers.0.self_attn.k_proj.weight"
 V0 = "model.layers.0.self_attn.v_proj.weight"
