@@ -16,7 +16,7 @@ bench() {  # bench NAME TIME_LIMIT_S ARGS...
     local name=$1 limit=$2
     shift 2
     echo "### $name: rollout-bench $*"
-    timeout --kill-after=10 "$limit" "$PY" -u -m benchmarks.cli "$@" --out "$OUT_DIR/$name.json" \
+    timeout --kill-after=10 "$limit" "$PY" -u -m rollout.bench.cli "$@" --out "$OUT_DIR/$name.json" \
         >"$OUT_DIR/$name.log" 2>&1
     local rc=$?
     grep -v -e '^\[transformers\]' -e 'Warning' "$OUT_DIR/$name.log" | tail -n 25

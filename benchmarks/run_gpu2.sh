@@ -35,7 +35,7 @@ bench() {  # bench NAME TIME_LIMIT_S COMMAND... (COMMAND is given --out NAME.jso
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-CLI=(-m benchmarks.cli decode-step --model "$MODEL" --batches "$BATCHES" ${EXTRA[@]+"${EXTRA[@]}"})
+CLI=(-m rollout.bench.cli decode-step --model "$MODEL" --batches "$BATCHES" ${EXTRA[@]+"${EXTRA[@]}"})
 bench "decode-step-$MODEL-tp1" "$LIMIT" "$PY" -u "${CLI[@]}"
 bench "decode-step-$MODEL-tp2" "$LIMIT" "$PY" -u -m torch.distributed.run --standalone --nproc-per-node 2 \
     "${CLI[@]}" --tensor-parallel-size 2

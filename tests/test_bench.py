@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import cli, roofline
-from benchmarks.configs import write_model_dir
+from rollout.bench import cli, roofline
+from rollout.bench.configs import write_model_dir
 from rollout import LLM, SamplingParams
 from rollout.errors import CheckpointError, InvalidRequestError
 
@@ -93,7 +93,7 @@ def test_workload_smoke(workload, tmp_path):
 
 def test_kernel_categories_of_real_gpu_kernel_names():
     """Names as the torch profiler reported them on an H100 (prof_tp*.json, session 4)."""
-    from benchmarks.kernel_profile import category
+    from rollout.bench.kernel_profile import category
 
     assert category("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT") == "gemm"
     assert category("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16") == "gemm"
@@ -113,7 +113,7 @@ def test_kernel_categories_of_real_gpu_kernel_names():
 def test_decode_step_profile_steps(tmp_path):
     """--profile-steps adds each batch's kernel profile (on CPU: operators' self time),
     its categories adding up to the busy time, without touching the timed fields."""
-    from benchmarks.cli import main
+    from rollout.bench.cli import main
 
     out = tmp_path / "ds.json"
     assert main(["decode-step", "--model", "tiny", "--device", "cpu", "--scale", "0.01",

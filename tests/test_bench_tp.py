@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from benchmarks import cli, roofline
-from benchmarks.common import ROOT, Options, scaled
-from benchmarks.configs import hf_config
+from rollout.bench import cli, roofline
+from rollout.bench.common import ROOT, Options, scaled
+from rollout.bench.configs import hf_config
 from rollout.distributed.parallel_state import ParallelConfig
 from rollout.models.loader import build_model
 
@@ -65,7 +65,7 @@ def test_only_decode_step_runs_tensor_parallel(monkeypatch):
 def test_decode_step_tensor_parallel_under_torchrun(tmp_path):
     out = tmp_path / "tp2.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "benchmarks.cli", "decode-step", "--model", "tiny", "--device", "cpu", "--tensor-parallel-size", "2",
+           "-m", "rollout.bench.cli", "decode-step", "--model", "tiny", "--device", "cpu", "--tensor-parallel-size", "2",
            "--scale", "0.01", "--kv-cache-gb", "0.01", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if sys.platform == "linux":

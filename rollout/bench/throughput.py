@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks import roofline
-from benchmarks.common import GcWatch, now
+from rollout.bench import roofline
+from rollout.bench.common import GcWatch, now
 from rollout import SamplingParams
 
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from benchmarks import decode_step, nano_bench, roofline
-from benchmarks.common import Options, build_llm, dispose, now, scaled
-from benchmarks.configs import hf_config
+from rollout.bench import decode_step, nano_bench, roofline
+from rollout.bench.common import Options, build_llm, dispose, now, scaled
+from rollout.bench.configs import hf_config
 
 WORKLOADS = ("nano-bench", "decode-step")
 

@@ -32,10 +32,10 @@ import random
 import time
 from typing import Any
 
-from benchmarks import kernel_profile, roofline
-from benchmarks.common import ForwardTimer, GcWatch, Options, build_llm, dispose, median, now, scaled
-from benchmarks.configs import hf_config
-from benchmarks.dist import check_same_on_all_ranks, gather, world_size
+from rollout.bench import kernel_profile, roofline
+from rollout.bench.common import ForwardTimer, GcWatch, Options, build_llm, dispose, median, now, scaled
+from rollout.bench.configs import hf_config
+from rollout.bench.dist import check_same_on_all_ranks, gather, world_size
 from rollout import SamplingParams
 
 DEFAULT_MODEL = "qwen2.5-1.5b"

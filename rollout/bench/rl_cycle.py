@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from benchmarks import roofline
-from benchmarks.common import Options, build_llm, dispose, now, scaled
+from rollout.bench import roofline
+from rollout.bench.common import Options, build_llm, dispose, now, scaled
 from rollout import SamplingParams
 from rollout.models.weights import WeightMap
 

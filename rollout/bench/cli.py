@@ -10,11 +10,11 @@ with its default model, or ``--model`` for all of them). ``--peer`` on nano-benc
 decode-step runs ``peer`` on that workload. The hardware roofline (copy bandwidth, matmul
 rate, pinned-copy bandwidth) is measured once at the start of the run and saved with every
 result, beside the environment (GPU, versions, date, commit), the options and the model
-configs. Default output: benchmarks/results/<workload>-<model>-<device>.json.
+configs. Default output: ./<workload>-<model>-<device>.json (the current directory).
 
 decode-step also runs tensor-parallel, under torchrun (one process per GPU; the benchmark
 initialises torch.distributed as a trainer would, see dist.py; rank 0 prints and saves):
-    torchrun --standalone --nproc-per-node 2 -m benchmarks.cli decode-step --tensor-parallel-size 2
+    torchrun --standalone --nproc-per-node 2 -m rollout.bench.cli decode-step --tensor-parallel-size 2
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from benchmarks import decode_step, dist, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline
-from benchmarks.common import ROOT, Options, env_info
-from benchmarks.configs import MODELS, summary
+from rollout.bench import decode_step, dist, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline
+from rollout.bench.common import Options, env_info
+from rollout.bench.configs import MODELS, summary
 
 WORKLOADS: dict[str, Callable[[Options, roofline.Hardware], dict[str, Any]]] = {
     "decode-step": decode_step.run,
@@ -44,7 +44,6 @@ WORKLOADS: dict[str, Callable[[Options, roofline.Hardware], dict[str, Any]]] = {
 }
 # Those that run under torchrun, tensor-parallel or not (the others refuse it).
 TP_WORKLOADS = ("decode-step",)
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
@@ -137,7 +136,7 @@ def default_out(workload: str, opts: Options) -> Path:
     device = torch.cuda.get_device_name(opts.torch_device) if opts.torch_device.type == "cuda" else opts.device
     slug = re.sub(r"[^a-z0-9.]+", "-", device.lower()).strip("-")
     tp = f"-tp{opts.tensor_parallel_size}" if opts.tensor_parallel_size > 1 else ""
-    return RESULTS_DIR / f"{workload}-{opts.model or 'default'}{tp}-{slug}.json"
+    return Path(f"{workload}-{opts.model or 'default'}{tp}-{slug}.json")
 
 
 def main(argv: list[str] | None = None) -> int:

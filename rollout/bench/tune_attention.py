@@ -1,7 +1,7 @@
 """Sweep the paged-attention kernel's split count and launch shape (``Tiling``) on a GPU at
 the attention shapes of the benchmark models, next to the default policy's choice.
 
-    python -m benchmarks.tune_attention --out tune_attention.json
+    python -m rollout.bench.tune_attention --out tune_attention.json
 
 Decode cases report the KV read bandwidth (bytes of K and V attended / kernel time) as a
 fraction of the device copy bandwidth measured in the same run; prefill cases report
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("tune_attention.json"))
     parser.add_argument("--only", choices=("decode", "prefill"), default=None)
     args = parser.parse_args(argv)
-    from benchmarks import roofline
-    from benchmarks.common import env_info
+    from rollout.bench import roofline
+    from rollout.bench.common import env_info
     from rollout.kernels import triton_attention as ta
 
     dev = "cuda"

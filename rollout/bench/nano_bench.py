@@ -8,9 +8,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from benchmarks import roofline, throughput
-from benchmarks.common import Options, build_llm, dispose, scaled
-from benchmarks.configs import hf_config
+from rollout.bench import roofline, throughput
+from rollout.bench.common import Options, build_llm, dispose, scaled
+from rollout.bench.configs import hf_config
 from rollout import SamplingParams
 
 DEFAULT_MODEL = "qwen3-0.6b"

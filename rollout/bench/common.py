@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 import rollout
-from benchmarks.configs import write_model_dir
-from benchmarks.dist import world_size
+from rollout.bench.configs import write_model_dir
+from rollout.bench.dist import world_size
 
-ROOT = Path(__file__).resolve().parents[1]
+# The repository root when run from a checkout (git_commit reads its .git); in an installed
+# package, site-packages, where there is no .git.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
