@@ -10,7 +10,8 @@ is checked against the default one (a launch shape that computes something else 
 error, not a speed-up). Times: the median of CUDA-graph replays of ``REPEATS`` calls each
 (decode steps run in graphs; timing single eager calls would time the Python launch).
 Each case's rows are printed and the JSON rewritten as they come, so a time limit keeps
-what was measured.
+what was measured. At the end, ``compiled``: registers and spills of every attention kernel
+variant the sweep compiled (a spill is a launch shape asking for more than the SM holds).
 """
 
 from __future__ import annotations
@@ -185,9 +186,35 @@ def main(argv: list[str] | None = None) -> None:
         table.append(_summary(f"prefill {model} {label}", res["rows"], "TFLOPs", None)
                      + (f" | sdpa {res['sdpa_us']:.0f} us" if sdpa else ""))
         _report(res, table[-1], args.out, result)
+    result["compiled"] = _compiled_kernels()
     result["seconds"] = time.perf_counter() - t0
     args.out.write_text(json.dumps(result, indent=1))
     print("\n".join(["", "case | default (policy) | best", *table]))
+    if isinstance(result["compiled"], list) and result["compiled"]:
+        regs = [k["n_regs"] for k in result["compiled"]]
+        print(f"{len(regs)} compiled attention kernels: {min(regs)}-{max(regs)} registers, "
+              f"{sum(k['n_spills'] for k in result['compiled'])} spills")
+    else:
+        print(f"compiled attention kernels: {result['compiled']}")
+
+
+def _compiled_kernels() -> list[dict[str, Any]] | str:
+    """Registers, spills, warps, stages and shared memory of every variant of the attention
+    kernel compiled in this process, from Triton's kernel cache. That cache is Triton's
+    internal API: where it differs, the reason is returned instead of raised."""
+    from rollout.kernels import triton_attention as ta
+
+    try:
+        rows = []
+        for cache in ta._paged_attention_kernel.device_caches.values():
+            for key, kernel in cache[0].items():
+                kernel._init_handles()
+                md = kernel.metadata
+                rows.append({"n_regs": kernel.n_regs, "n_spills": kernel.n_spills, "num_warps": md.num_warps,
+                             "num_stages": md.num_stages, "shared_bytes": md.shared, "key": str(key)[:300]})
+        return rows
+    except Exception as e:  # noqa: BLE001 - a report, not a failure of the sweep
+        return f"unavailable ({type(e).__name__}: {str(e)[:160]})"
 
 
 def _report(res: dict[str, Any], summary: str, out: Path, result: dict[str, Any]) -> None:
