@@ -7,8 +7,9 @@
 #   OUT=/some/dir bash benchmarks/run_gpu2.sh
 # BATCHES (default 1,64,128): at TP=1 on an 80 GB H100, qwen3-8b's KV for B=256 at context
 # 2048 (~85 GB) does not fit beside its 16 GB of weights; 128 (~43 GB) does.
-# ARGS adds options to both runs (say ARGS=--enforce-eager; ARGS="--device cpu --scale 0.01"
-# with MODEL=tiny dry-runs the script on CPU).
+# ARGS adds options to both runs (say ARGS=--enforce-eager). A dry run on CPU:
+#   MODEL=tiny BATCHES=1,256 ARGS="--device cpu --scale 0.01" bash benchmarks/run_gpu2.sh
+# (--scale must keep the batches distinct: 1,64,128 at 0.01 would all be 1, which is refused).
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-benchmarks/results}

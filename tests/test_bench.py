@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from rollout.bench import cli, roofline
+from rollout.bench import cli, decode_step, roofline
+from rollout.bench.common import Options
 from rollout.bench.configs import write_model_dir
 from rollout import LLM, SamplingParams
 from rollout.errors import CheckpointError, InvalidRequestError
@@ -68,6 +69,8 @@ def test_roofline_formulas():
 def test_workload_smoke(workload, tmp_path):
     out = tmp_path / f"{workload}.json"
     args = [workload, "--model", "tiny", "--device", "cpu", "--scale", "0.01", "--kv-cache-gb", "0.01", "--out", str(out)]
+    if workload == "decode-step":
+        args += ["--batches", "1,256"]  # 1 and 3 at this scale (the default 1,64,256 is refused)
     assert cli.main(args) == 0
     rec = json.loads(out.read_text())
     assert rec["workload"] == workload
@@ -116,7 +119,7 @@ def test_decode_step_profile_steps(tmp_path):
     from rollout.bench.cli import main
 
     out = tmp_path / "ds.json"
-    assert main(["decode-step", "--model", "tiny", "--device", "cpu", "--scale", "0.01",
+    assert main(["decode-step", "--model", "tiny", "--device", "cpu", "--scale", "0.01", "--batches", "1,256",
                  "--profile-steps", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     for r in rows:
@@ -124,3 +127,25 @@ def test_decode_step_profile_steps(tmp_path):
         assert p["steps"] == 2 and p["busy_ms"] > 0 and p["launches"] > 0 and r["steady"]
         assert abs(sum(c["ms"] for c in p["by_category"].values()) - p["busy_ms"]) < 1e-2
         assert p["by_category"]["gemm"]["ms"] > 0 and p["top"]
+
+
+
+@pytest.mark.parametrize("workload", [["decode-step"], ["peer", "--peer-workload", "decode-step"], ["all"]])
+def test_scale_that_drops_batches_is_refused(workload, capsys):
+    """At --scale 0.01 the batches 1, 4 and 64 would all run as 1: wherever decode-step runs
+    (alone, as peer's workload, in all) that is refused before any work, naming the batches."""
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args([*workload, "--device", "cpu", "--scale", "0.01", "--batches", "1,4,64,256"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scale 0.01 turns --batches 1,4,64,256 into 1,1,1,3" in err
+    assert "batch 4, 64 would run as 1, as batch 1 does" in err
+
+
+def test_scale_keeps_batches_distinct():
+    # Called directly, the workload refuses too, before an engine is built (hw is not read).
+    with pytest.raises(ValueError, match="would be dropped"):
+        decode_step.run(Options(model="tiny", device="cpu", scale=0.01, batches=(1, 4)), hw=None)
+    assert Options(scale=0.01, batches=(256, 1)).decode_batches() == [1, 3]
+    # Workloads that do not run decode steps ignore the batches.
+    assert cli.parse_args(["nano-bench", "--peer", "--scale", "0.01", "--batches", "1,4"])[0] == "peer"

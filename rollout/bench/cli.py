@@ -80,13 +80,18 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     if world % k:
         p.error(f"--tensor-parallel-size {k} needs a world of a multiple of {k} ranks "
                 f"(torchrun --nproc-per-node {k}), got WORLD_SIZE={world}")
-    opts = Options(
-        model=a.model, scale=a.scale, device=a.device, dtype=a.dtype, seed=a.seed,
-        kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
-        enforce_eager=a.enforce_eager, peer_workload=peer_workload,
-        batches=tuple(int(b) for b in a.batches.split(",")), tensor_parallel_size=k,
-        profile_steps=a.profile_steps,
-    )
+    try:
+        opts = Options(
+            model=a.model, scale=a.scale, device=a.device, dtype=a.dtype, seed=a.seed,
+            kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
+            enforce_eager=a.enforce_eager, peer_workload=peer_workload,
+            batches=tuple(int(b) for b in a.batches.split(",")), tensor_parallel_size=k,
+            profile_steps=a.profile_steps,
+        )
+        if workload in ("decode-step", "all") or (workload, peer_workload) == ("peer", "decode-step"):
+            opts.decode_batches()  # refuses a --scale that would drop batches, before any work
+    except ValueError as e:
+        p.error(str(e))
     return workload, opts, a.out
 
 

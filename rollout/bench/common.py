@@ -48,6 +48,26 @@ class Options:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"batches must be sizes >= 1, got {self.batches}")
+
+    def decode_batches(self) -> list[int]:
+        """decode-step's batch sizes at ``scale``, ascending. Raises ValueError, naming them,
+        when scaling turns two of them into one size: the run would silently measure fewer
+        batches than asked for (at --scale 0.01, 1 and 64 both become 1)."""
+        runs_as: dict[int, list[int]] = {}  # scaled size -> the sizes asked for that become it
+        for b in self.batches:
+            runs_as.setdefault(scaled(b, self.scale), []).append(b)
+        merged = {size: asked for size, asked in runs_as.items() if len(asked) > 1}
+        if merged:
+            lost = "; ".join(f"batch {', '.join(map(str, asked[1:]))} would run as {size}, as batch {asked[0]} does"
+                             for size, asked in sorted(merged.items()))
+            raise ValueError(
+                f"--scale {self.scale} turns --batches {','.join(map(str, self.batches))} into "
+                f"{','.join(str(scaled(b, self.scale)) for b in self.batches)}, so batches would be dropped "
+                f"({lost}). Pass --batches that stay distinct at this scale, or a larger --scale."
+            )
+        return sorted(runs_as)
 
     @property
     def torch_device(self) -> torch.device:

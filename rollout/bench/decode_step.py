@@ -47,7 +47,7 @@ STEPS = 50
 def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
     model = opts.model or DEFAULT_MODEL
     context = scaled(CONTEXT, opts.scale, minimum=8)
-    batches = sorted({scaled(b, opts.scale) for b in opts.batches})
+    batches = opts.decode_batches()
     steps = scaled(STEPS, opts.scale, minimum=3)
     block_size = 16
     # Room for the decodes interleaved with prefill (at most one per prefill step).

@@ -55,13 +55,14 @@ def _nano_bench(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
 
 def _decode_step(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
     model = opts.model or decode_step.DEFAULT_MODEL
+    batches = opts.decode_batches()  # before any work: raises if --scale merges batches
     context = scaled(decode_step.CONTEXT, opts.scale, minimum=8)
     steps = scaled(decode_step.STEPS, opts.scale, minimum=3)
     vocab = hf_config(model).vocab_size
     hf = _HF(model, opts)
     hf.generate([[1, 2, 3, 4]], 4)
     hf_ms = {}
-    for b in sorted({scaled(b, opts.scale) for b in opts.batches}):
+    for b in batches:
         rng = random.Random(opts.seed + b)
         prompts = [[rng.randrange(vocab) for _ in range(context - 1)] for _ in range(b)]
         t1 = hf.generate(prompts, 1)
