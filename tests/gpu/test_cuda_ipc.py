@@ -2,13 +2,17 @@
 
 The test process only orchestrates (it never touches CUDA). The sender packs buckets on
 cuda:0, writes ``share(bucket)`` for each as JSON to a file, and waits for "done" on stdin;
-the receiver opens them, checks bitwise equality, writes into one view, and exits; the
-sender then checks it sees that write (same memory, no copy) before exiting.
+the receiver first offers tampered copies of every handle (each must be refused with
+``WeightSyncError`` and nothing mapped: CUDA maps an allocation once per process, so a
+tampered copy that got as far as opening would make the real one fail), then opens them,
+checks bitwise equality, writes into one view, and exits; the sender then checks it sees
+that write (same memory, no copy) before exiting.
 Run as a script: ``python tests/gpu/test_cuda_ipc.py send|recv HANDLES_JSON``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -18,7 +22,8 @@ import time
 import pytest
 import torch
 
-from rollout.weight_sync import open_shared, pack, share, unpack
+from rollout.errors import WeightSyncError
+from rollout.weight_sync import open_shared, pack, parse_handle, share, unpack
 
 TIMEOUT_S = 120
 
@@ -47,9 +52,38 @@ def _send(path: str) -> None:
     assert torch.equal(counter.cpu(), torch.arange(10) + 1), counter  # the receiver's write
 
 
+def _tampered(handle: dict) -> list[dict]:
+    """Copies of a real handle that a broken or malicious sender could send."""
+    meta = json.loads(handle["metas"])
+    return [
+        {**handle, "offset": handle["storage_size_bytes"]},  # the bucket past its storage
+        {**handle, "nbytes": handle["nbytes"] + 1},  # longer than its tensors
+        {**handle, "ref_counter_offset": 10_000},  # a slot past the ref-counter file
+        {**handle, "ref_counter_handle": base64.b64encode(b"/dev/shm/other").decode()},
+        {**handle, "device": torch.cuda.device_count()},
+        {**handle, "storage_offset_bytes": -1},
+        {**handle, "metas": json.dumps([{**meta[0], "dtype": "float33"}, *meta[1:]])},
+        {**handle, "event_handle": base64.b64encode(bytes(8)).decode()},
+        {k: v for k, v in handle.items() if k != "event_sync_required"},
+    ]
+
+
 def _recv(path: str) -> None:
     with open(path) as f:
-        buckets = [open_shared(h) for h in json.load(f)]
+        handles = json.load(f)
+    for handle in handles:
+        if handle["nbytes"] == 0:
+            continue
+        parsed = parse_handle(handle, torch.cuda.device_count())  # what torch really sends passes
+        print(f"handle: {len(parsed.handle)} bytes, ref counter {parsed.ref_counter_handle!r} "
+              f"slot {parsed.ref_counter_offset}, event {len(parsed.event_handle)} bytes", file=sys.stderr)
+        for bad in _tampered(handle):
+            try:
+                open_shared(bad)
+            except WeightSyncError:
+                continue
+            raise AssertionError(f"a tampered handle was opened: {bad}")
+    buckets = [open_shared(h) for h in handles]
     assert len(buckets) > 2  # several buckets, plus the empty one
     got = [nt for b in buckets for nt in unpack(b)]
     want = {**_weights(), "empty": torch.empty(0, 4)}
