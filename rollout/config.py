@@ -1,4 +1,10 @@
-"""Engine configuration: small frozen dataclasses, validated on construction."""
+"""Engine configuration: one frozen ``EngineConfig`` of small frozen dataclasses.
+
+``LLM``'s arguments are validated and resolved against the model once (``EngineConfig.create``)
+and the whole config is handed to each part, which reads what it needs under the public
+names (``max_num_seqs``, ``max_model_len``, ``max_num_batched_tokens``, ...). Every default
+lives here, once.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,10 @@ import torch
 from rollout.errors import InvalidRequestError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+# A config that records no max_position_embeddings.
+DEFAULT_MAX_MODEL_LEN = 2048
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
@@ -26,15 +36,35 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
     return _DTYPES[dtype]
 
 
-def config_dtype(hf_config: Any) -> torch.dtype | None:
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = _DTYPES.get(dtype)
-    return dtype
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model as the engine runs it."""
+
+    hf_config: Any
+    architectures: tuple[str, ...] | None
+    dtype: torch.dtype
+    max_model_len: int
+    load_format: str = "auto"  # "dummy": random weights from ``seed``, no checkpoint read
+    seed: int = 0  # the engine's RNG (unseeded requests) and dummy weights
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise InvalidRequestError(
+                "load_format", self.load_format, "'auto' (load the checkpoint) or 'dummy' (random weights, no checkpoint read)"
+            )
+        if not _is_int(self.seed):
+            raise InvalidRequestError("seed", self.seed, "an int")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
 
 
 @dataclass(frozen=True)
 class CacheConfig:
+    """The paged KV cache: ``num_kv_blocks`` (or ``kv_cache_memory_bytes``) sizes it;
+    otherwise the platform decides (``gpu_memory_utilization`` of the device on GPU)."""
+
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -52,6 +82,98 @@ class CacheConfig:
             raise InvalidRequestError("kv_cache_memory_bytes", self.kv_cache_memory_bytes, "None or an int >= 1")
         if not _is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidRequestError("gpu_memory_utilization", self.gpu_memory_utilization, "a float in (0, 1]")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise InvalidRequestError("enable_prefix_caching", self.enable_prefix_caching, "a bool")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """One step's budget: at most ``max_num_seqs`` requests and ``max_num_batched_tokens``
+    tokens; a sequence holds at most ``max_model_len`` tokens."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise InvalidRequestError(name, v, "an int >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise InvalidRequestError(
+                "max_num_batched_tokens", self.max_num_batched_tokens,
+                f"an int >= max_model_len={self.max_model_len} when chunked prefill is off",
+            )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism over the caller's process group (see ``rollout.distributed``)."""
+
+    tensor_parallel_size: int = 1
+    tp_group: Any = None  # a caller's torch.distributed group of tensor_parallel_size ranks
+    debug_tp_agreement: bool = False  # check each step that the group's ranks agree
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
+            raise InvalidRequestError("tensor_parallel_size", self.tensor_parallel_size, "an int >= 1")
+        if not isinstance(self.debug_tp_agreement, bool):
+            raise InvalidRequestError("debug_tp_agreement", self.debug_tp_agreement, "a bool")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensor_parallel_size != 1 or self.tp_group is not None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from, validated once. Parts get it whole."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: torch.device
+    enforce_eager: bool = False  # no CUDA graphs
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enforce_eager, bool):
+            raise InvalidRequestError("enforce_eager", self.enforce_eager, "a bool")
+
+    @classmethod
+    def create(
+        cls, *, hf_config: Any, architectures: list[str] | None, checkpoint_dtype: torch.dtype | None,
+        device: torch.device, dtype: str | torch.dtype = "auto", seed: int = 0, max_model_len: int | None = None,
+        max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, block_size: int = 16,
+        num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True, enforce_eager: bool = False,
+        load_format: str = "auto", tensor_parallel_size: int = 1, tp_group: Any = None,
+        debug_tp_agreement: bool = False,
+    ) -> EngineConfig:
+        """Validate ``LLM``'s arguments and resolve them against the model's config:
+        ``dtype="auto"`` is the checkpoint's, ``max_model_len=None`` the model's
+        ``max_position_embeddings``."""
+        cache = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+        if max_model_len is None:
+            max_model_len = max_pos
+        elif not _is_int(max_model_len) or not 2 <= max_model_len <= max_pos:
+            raise InvalidRequestError(
+                "max_model_len", max_model_len, f"an int in [2, {max_pos}] (the model's max_position_embeddings)"
+            )
+        model = ModelConfig(
+            hf_config, tuple(architectures) if architectures else None, resolve_dtype(dtype, checkpoint_dtype),
+            max_model_len, load_format, seed,
+        )
+        scheduler = SchedulerConfig(
+            max_num_seqs,
+            DEFAULT_MAX_NUM_BATCHED_TOKENS if max_num_batched_tokens is None else max_num_batched_tokens,
+            max_model_len,
+        )
+        parallel = ParallelConfig(tensor_parallel_size, tp_group, debug_tp_agreement)
+        return cls(model, cache, scheduler, parallel, device, enforce_eager)
 
 
 def _is_int(v: object) -> bool:

@@ -76,3 +76,25 @@ class RequestOutput:
     # Set on the final output when a sample ended with finish_reason "error" (a
     # rollout.errors.NonFiniteError naming them); streams and generate raise it.
     error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's counters and sizes (``LLM.stats()``)."""
+
+    num_steps: int  # steps read back since the engine was built
+    num_generated_tokens: int  # tokens handed to requests (prompts excluded)
+    num_preemptions: int  # requests sent back to recompute for want of KV blocks
+    num_running: int  # requests holding KV blocks now
+    num_waiting: int  # requests queued (new or preempted)
+    num_kv_blocks: int
+    num_free_blocks: int  # free + cached + used == num_kv_blocks
+    num_cached_blocks: int  # free but holding a cached prefix
+    num_used_blocks: int  # held by a request
+    kv_capacity_tokens: int
+    prefix_cache_queries: int  # lookups that found at least one cached block
+    prefix_cache_hit_blocks: int  # blocks served by the prefix cache
+    weight_version: int
+    attention_backend: str  # the platform's choice: "torch", "torch_sdpa", "triton"
+    op_set: str  # RMSNorm/rotary/SiLU implementation: "torch" or "triton"
+    cuda_graph_sizes: tuple[int, ...]  # batch sizes captured for decode; () when eager

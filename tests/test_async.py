@@ -67,13 +67,13 @@ def test_64_agents_three_turns_equal_running_alone(llama_dir):
         nonlocal max_batch
         tasks = [asyncio.create_task(_conversation(llm, c, p)) for c, p in enumerate(prompts)]
         while not all(t.done() for t in tasks):
-            max_batch = max(max_batch, len(llm.engine.scheduler.running))
+            max_batch = max(max_batch, llm.stats().num_running)
             await asyncio.sleep(0)
         return [t.result() for t in tasks]
 
     results = asyncio.run(main())
     assert max_batch >= NUM_CONVERSATIONS // 2  # the agents really shared steps
-    hit_blocks = llm.engine.prefix_cache_stats["hit_blocks"]
+    hit_blocks = llm.stats().prefix_cache_hit_blocks
     num_output_hits = 0
     for conv, (tokens, stats) in enumerate(results):
         assert stats[0][1] == 0
@@ -88,7 +88,7 @@ def test_64_agents_three_turns_equal_running_alone(llama_dir):
             prev_len = prompt_len
     assert num_output_hits >= NUM_CONVERSATIONS // 2
     assert hit_blocks >= NUM_CONVERSATIONS * (TURNS - 1)
-    llm.engine.kv.pool.check_invariants()
+    llm.worker.check_invariants()
 
     alone = _llm(llama_dir)
     for conv in range(0, NUM_CONVERSATIONS):
@@ -127,8 +127,8 @@ def test_stream_yields_snapshots_and_cancel_aborts(llama_dir):
         return seen
 
     seen = asyncio.run(main())
-    llm.engine.kv.pool.check_invariants()
-    assert llm.engine.kv.pool.counts()[2] == 0
+    llm.worker.check_invariants()
+    assert llm.stats().num_used_blocks == 0
     # The loop is started again on a new event loop.
     again = asyncio.run(llm.generate_async(prompt, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)))
     assert again.outputs[0].token_ids == seen[-1].outputs[0].token_ids
@@ -150,7 +150,7 @@ def test_abort_from_another_coroutine_ends_the_stream(llama_dir):
     outs = asyncio.run(main())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(outs[-1].outputs[0].token_ids) == 4
-    assert llm.engine.kv.pool.counts()[2] == 0
+    assert llm.stats().num_used_blocks == 0
 
 
 def test_pause_idles_the_loop_update_then_resume(llama_dir, b_dir):
@@ -160,13 +160,13 @@ def test_pause_idles_the_loop_update_then_resume(llama_dir, b_dir):
     sd_b = load_file(b_dir / "model.safetensors")
 
     async def trainer(agent_task):
-        while not llm.engine.num_generated_tokens >= 4:
+        while not llm.stats().num_generated_tokens >= 4:
             await asyncio.sleep(0)
         llm.pause()
-        steps = llm.engine.num_steps
+        steps = llm.stats().num_steps
         for _ in range(20):  # the loop idles while paused; agents may still submit
             await asyncio.sleep(0)
-        assert llm.engine.num_steps == steps and not agent_task.done()
+        assert llm.stats().num_steps == steps and not agent_task.done()
         llm.update_weights(sd_b.items())
         llm.resume()
 
@@ -186,7 +186,7 @@ def test_pause_idles_the_loop_update_then_resume(llama_dir, b_dir):
 
 def test_a_failed_step_reaches_every_waiting_coroutine(llama_dir, monkeypatch):
     llm = _llm(llama_dir)
-    launch, calls = llm.engine.runner.launch, []
+    launch, calls = llm.worker.runner.launch, []
 
     def flaky(sched):
         calls.append(1)
@@ -194,7 +194,7 @@ def test_a_failed_step_reaches_every_waiting_coroutine(llama_dir, monkeypatch):
             raise RuntimeError("device lost")
         return launch(sched)
 
-    monkeypatch.setattr(llm.engine.runner, "launch", flaky)
+    monkeypatch.setattr(llm.worker.runner, "launch", flaky)
     prompts = [random_prompt(10, seed=i) for i in range(3)]
 
     async def main():
@@ -203,7 +203,7 @@ def test_a_failed_step_reaches_every_waiting_coroutine(llama_dir, monkeypatch):
     outs = asyncio.run(main())
     assert all(isinstance(o, RuntimeError) and "device lost" in str(o) for o in outs), outs
     assert not llm.has_unfinished_requests()  # their requests were aborted
-    assert llm.engine.kv.pool.counts()[2] == 0
+    assert llm.stats().num_used_blocks == 0
     # The engine keeps working.
     again = asyncio.run(llm.generate_async(prompts[0], GREEDY))
     assert again.outputs[0].token_ids == llm.generate(prompts[0], GREEDY)[0].outputs[0].token_ids

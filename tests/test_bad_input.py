@@ -35,7 +35,7 @@ def reference(llm):
 
 
 def assert_still_works(llm: LLM, reference: list[list[int]]) -> None:
-    assert not llm.engine.has_unfinished_requests()
+    assert not llm.has_unfinished_requests()
     assert [o.outputs[0].token_ids for o in llm.generate(REF_PROMPTS, GREEDY)] == reference
 
 
@@ -121,11 +121,11 @@ def test_good_sampling_params_edge_values():
 def test_params_changed_after_construction_are_checked_on_submission(llm, reference, field, value, allowed):
     sp = SamplingParams(temperature=0.0, max_tokens=4)
     setattr(sp, field, value)
-    steps = llm.engine.num_steps
+    steps = llm.stats().num_steps
     with pytest.raises(InvalidRequestError) as err:
         llm.generate(REF_PROMPTS, [GREEDY, sp])
     assert_names(err, f"SamplingParams.{field}=", allowed)
-    assert llm.engine.num_steps == steps
+    assert llm.stats().num_steps == steps
     assert_still_works(llm, reference)
 
 
@@ -160,11 +160,11 @@ BAD_PROMPTS = [
 
 @pytest.mark.parametrize("prompts,field,allowed", [c[1:] for c in BAD_PROMPTS], ids=[c[0] for c in BAD_PROMPTS])
 def test_bad_prompt(llm, reference, prompts, field, allowed):
-    steps = llm.engine.num_steps
+    steps = llm.stats().num_steps
     with pytest.raises(InvalidRequestError) as err:
         llm.generate(prompts, GREEDY)
     assert_names(err, field, allowed)
-    assert llm.engine.num_steps == steps
+    assert llm.stats().num_steps == steps
     assert_still_works(llm, reference)
 
 
@@ -205,12 +205,12 @@ def test_bad_sampling_params_argument(llm, reference, params, field, allowed):
 
 
 def test_one_bad_prompt_stops_the_whole_batch(llm, reference):
-    steps, tokens = llm.engine.num_steps, llm.engine.num_generated_tokens
+    steps, tokens = llm.stats().num_steps, llm.stats().num_generated_tokens
     with pytest.raises(InvalidRequestError) as err:
         llm.generate([[5, 6, 7], [8, 9], [10, VOCAB + 3], [11]], GREEDY)
     assert_names(err, f"prompts[2]=[{VOCAB + 3}]", f"[0, {VOCAB})")
-    assert not llm.engine.has_unfinished_requests()
-    assert (llm.engine.num_steps, llm.engine.num_generated_tokens) == (steps, tokens)
+    assert not llm.has_unfinished_requests()
+    assert (llm.stats().num_steps, llm.stats().num_generated_tokens) == (steps, tokens)
     assert_still_works(llm, reference)
 
 

@@ -17,7 +17,7 @@ import torch
 from rollout.bench import cli, roofline
 from rollout.bench.common import ROOT
 from rollout.bench.configs import hf_config
-from rollout.distributed.parallel_state import ParallelConfig
+from rollout.distributed.parallel_state import ParallelState
 from rollout.models.loader import build_model
 
 TIMEOUT_S = 180  # the whole torchrun job; a stuck collective fails the test instead of hanging it
@@ -27,7 +27,7 @@ def _shard_stats(k: int) -> tuple[roofline.ModelStats, int]:
     """Stats of rank 0's shard of "tiny" over k ranks, and the shard's norm parameters. Built
     without a world: constructing the layers makes no collective (a placeholder group)."""
     cfg = hf_config("tiny")
-    parallel = ParallelConfig(k, tp_group=object() if k > 1 else None)
+    parallel = ParallelState(k, tp_group=object() if k > 1 else None)
     model = build_model(cfg, torch.float32, torch.device("cpu"), parallel=parallel)
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     return roofline.ModelStats.from_model(model, cfg, tensor_parallel_size=k), norms

@@ -63,7 +63,7 @@ def tok(tokenizer_dir):
 def test_n_samples_share_one_prefill(llm):
     prompt = random_prompt(40, seed=1)
     llm.reset_prefix_cache()
-    before = llm.engine.prefix_cache_stats["hit_blocks"]
+    before = llm.stats().prefix_cache_hit_blocks
     sp = SamplingParams(n=8, temperature=1.0, seed=5, max_tokens=6, logprobs=0, ignore_eos=True)
     (out,) = llm.generate([prompt], sp)
     assert len(out.outputs) == 8
@@ -72,7 +72,7 @@ def test_n_samples_share_one_prefill(llm):
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     # The first sample prefills; the other 7 read its full blocks from the prefix cache
     # in the same step (the last, partial block and the last token are recomputed).
-    assert llm.engine.prefix_cache_stats["hit_blocks"] - before == 7 * ((len(prompt) - 1) // 16)
+    assert llm.stats().prefix_cache_hit_blocks - before == 7 * ((len(prompt) - 1) // 16)
     assert out.num_cached_tokens == 0
     # Sample i is the request with seed + i.
     for i in (0, 3, 7):
@@ -121,7 +121,7 @@ def test_seeded_sampling_is_reproducible(llm, llama_dir):
     # Preempted mid-decode and recomputed in chunks: the same tokens still.
     tight = _llm(llama_dir, block_size=4, num_kv_blocks=14, max_num_batched_tokens=16, enable_prefix_caching=False)
     outs = tight.generate([others[1], others[0], prompt], [unseeded, unseeded, sp])
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.stats().num_preemptions > 0
     assert outs[2].outputs[0].token_ids == ref.token_ids
     assert outs[2].outputs[0].token_logprobs == pytest.approx(ref.token_logprobs, abs=1e-5)
 
@@ -273,7 +273,7 @@ def test_infeasible_requests_never_hang(llama_dir):
     # Several sequences that each grow to the whole cache: served one after another.
     prompts = [random_prompt(n, seed=10 + n) for n in (30, 20, 40)]
     outs = _within(60, small.generate, prompts, SamplingParams(temperature=1.0, max_tokens=None, ignore_eos=True))
-    assert small.engine.scheduler.num_preemptions > 0
+    assert small.stats().num_preemptions > 0
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].finish_reason == "length"
         assert len(prompt) + len(out.outputs[0].token_ids) == capacity
@@ -283,11 +283,11 @@ def test_infeasible_requests_never_hang(llama_dir):
     assert (len(out.outputs[0].token_ids), out.outputs[0].finish_reason) == (1, "length")
     with pytest.raises(InvalidRequestError):
         small.generate([random_prompt(5, seed=12), random_prompt(capacity + 1, seed=13)], sp)
-    assert not small.engine.has_unfinished_requests()  # validated before anything was queued
+    assert not small.has_unfinished_requests()  # validated before anything was queued
 
     (out,) = _within(60, small.generate, [random_prompt(7, seed=14)], SamplingParams(max_tokens=4))
     assert len(out.outputs[0].token_ids) <= 4 and out.finished
-    small.engine.kv.pool.check_invariants()
+    small.worker.check_invariants()
 
 
 def test_full_batches_again_and_again_free_their_rows(llama_dir):
@@ -301,8 +301,8 @@ def test_full_batches_again_and_again_free_their_rows(llama_dir):
     for rnd in range(4):
         outs = _within(60, small.generate, [random_prompt(6 + i, seed=100 + 10 * rnd + i) for i in range(4)], sps)
         assert [len(o.outputs[0].token_ids) for o in outs] == [2, 3, 2, 3]
-        assert len(small.engine.runner.batch.rows) <= 4
-    small.engine.kv.pool.check_invariants()
+        assert len(small.worker.runner.batch.rows) <= 4
+    small.worker.check_invariants()
 
 
 def test_max_model_len_ends_with_length(llama_dir):

@@ -85,15 +85,15 @@ def test_greedy_any_schedule(arch, schedule, model_dirs, hf_oracles):
     # Twice: with caching on, the second pass reads every prompt's prefix from the cache.
     for _ in range(2):
         _check_greedy(hf_oracles[arch], prompts, llm.generate(prompts, GREEDY))
-    stats = llm.engine.prefix_cache_stats
+    hit_blocks = llm.stats().prefix_cache_hit_blocks
     if kwargs.get("enable_prefix_caching", True):
-        assert stats["hit_blocks"] > 0
+        assert hit_blocks > 0
     else:
-        assert stats["hit_blocks"] == 0
+        assert hit_blocks == 0
     if schedule.startswith("preempt"):
-        assert llm.engine.scheduler.num_preemptions > 0
-    llm.engine.kv.pool.check_invariants()
-    assert llm.engine.kv.pool.counts()[2] == 0  # no block still held after the batch
+        assert llm.stats().num_preemptions > 0
+    llm.worker.check_invariants()
+    assert llm.stats().num_used_blocks == 0  # no block still held after the batch
 
 
 def _check_logprobs(oracle: HFOracle, prompt, out, k: int, prompt_k: int | None) -> None:
@@ -153,7 +153,7 @@ def test_prompt_logprobs_under_preemption(model_dirs, hf_oracles):
     llm = _llm(model_dirs[arch], block_size=4, num_kv_blocks=30, max_num_batched_tokens=13)
     sp = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=3, prompt_logprobs=2)
     outs = llm.generate(prompts, sp)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.stats().num_preemptions > 0
     for prompt, out in zip(prompts, outs):
         _check_logprobs(hf_oracles[arch], prompt, out, k=3, prompt_k=2)
 

@@ -73,7 +73,7 @@ def test_nonfinite_logits_end_one_request_in_generate(poisoned, sd_a):
     # The others finished as without the bad one (another batch layout: logprobs within tolerance).
     assert_same_greedy(_greedy([outs[0], outs[2]]), good_ref)
     assert not llm.has_unfinished_requests()
-    llm.engine.kv.pool.check_invariants()
+    llm.worker.check_invariants()
 
 
 def test_nonfinite_logits_end_one_request_in_the_request_api(poisoned):
@@ -163,7 +163,7 @@ def test_failed_step_is_rolled_back_and_requests_go_on(faulty, fail_after):
     assert failures == 1
     # Recomputed after the rollback (other chunks, other batch rows): tokens exact.
     assert_same_greedy(_greedy([final[r] for r in ids]), ref)
-    pool = llm.engine.kv.pool
+    pool = llm.worker.kv.pool
     pool.check_invariants()
     assert pool.counts()[2] == 0  # no block held once every request is done
 

@@ -39,16 +39,16 @@ def pool():
 
 
 def _sizes(llm) -> tuple[int, int]:
-    return llm.memory.arenas["weights"].nbytes, llm.memory.arenas["kv_cache"].nbytes
+    return llm.worker.memory.arenas["weights"].nbytes, llm.worker.memory.arenas["kv_cache"].nbytes
 
 
 def _check_asleep(llm, pool, trainer: int, usage: dict, asleep: list[str]) -> None:
     """Still asleep as it was: the same tags unmapped, the same accounting, and the pool
     holds exactly the trainer's bytes plus the arenas that are awake (none half-mapped)."""
     assert llm.is_sleeping
-    assert llm.memory.asleep_tags() == asleep
+    assert llm.worker.memory.asleep_tags() == asleep
     assert llm.memory_usage() == usage
-    awake = sum(a.nbytes for a in llm.memory.arenas.values() if a.is_mapped)
+    awake = sum(a.nbytes for a in llm.worker.memory.arenas.values() if a.is_mapped)
     assert pool.used == trainer + awake
     with pytest.raises(EngineSleepingError, match="wake_up"):
         llm.generate(PROMPTS, SHORT)

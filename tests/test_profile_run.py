@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from rollout import LLM, SamplingParams
-from rollout.engine import llm_engine
+from rollout.config import CacheConfig
+from rollout.engine.worker import kv_blocks_for
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -15,11 +16,10 @@ def test_profile_run_then_generate(model_dirs, arch, monkeypatch):
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     before = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
     calls = []
-    runner = llm.engine.runner
+    runner = llm.worker.runner
     monkeypatch.setattr(runner, "profile_run", lambda orig=runner.profile_run: (calls.append(1), orig())[1])
     monkeypatch.setattr(llm.platform, "profile_before_kv_sizing", True)
     monkeypatch.setattr(llm.platform, "kv_cache_budget", lambda device, util: 32 * runner.kv_bytes_per_block())
-    num = llm_engine.default_num_blocks(runner, llm.platform, llm.device, num_kv_blocks=None,
-                                        kv_cache_memory_bytes=None, gpu_memory_utilization=0.9)
+    num = kv_blocks_for(CacheConfig(), runner, llm.platform, llm.device)
     assert calls and num == 32
     assert llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids == before

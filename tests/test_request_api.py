@@ -64,7 +64,7 @@ def _drain(llm: LLM, max_steps: int = 500) -> list:
 
 def _check_idle(llm: LLM) -> None:
     """No request holds a block and the pool's invariant holds."""
-    pool = llm.engine.kv.pool
+    pool = llm.worker.kv.pool
     pool.check_invariants()
     assert pool.counts()[2] == 0, "blocks still in use"
     assert not llm.has_unfinished_requests()
@@ -163,7 +163,7 @@ def test_abort_keeps_tokens_and_frees_blocks(llm, caplog):
     seen = []
     for _ in range(5):
         seen += [o for o in llm.step() if o.request_id == rid]
-    assert llm.engine.kv.pool.counts()[2] > 0
+    assert llm.stats().num_used_blocks > 0
     (out,) = llm.abort([rid])
     assert out.finished and out.request_id == rid
     for i, c in enumerate(out.outputs):
@@ -173,7 +173,7 @@ def test_abort_keeps_tokens_and_frees_blocks(llm, caplog):
         assert len(c.token_ids) == len(c.token_logprobs) == len(c.logprobs) == len(c.token_weight_versions)
         assert c.token_ids == seen[-1].outputs[i].token_ids
         assert c.token_logprobs == seen[-1].outputs[i].token_logprobs
-    llm.engine.kv.pool.check_invariants()
+    llm.worker.check_invariants()
     # The other request is untouched and finishes; then nothing holds a block.
     rest = _drain(llm)
     assert rest[-1].request_id == other and rest[-1].outputs[0].finish_reason == "length"

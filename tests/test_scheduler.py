@@ -9,7 +9,7 @@ import random
 import pytest
 
 from rollout.engine.request import RequestStatus
-from rollout.engine.scheduler import SchedulerConfig
+from rollout.config import SchedulerConfig
 from tests.helpers.sched import (
     FakeRunner,
     check_block_refs,

@@ -35,11 +35,11 @@ def test_score_of_a_generated_sequence_equals_its_logprobs(llm):
     sp = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=12, logprobs=0, ignore_eos=True)
     (out,) = llm.generate(prompt, sp)
     seqs = [prompt + c.token_ids for c in out.outputs]
-    before = llm.engine.prefix_cache_stats["hit_blocks"]
+    before = llm.stats().prefix_cache_hit_blocks
     scores = llm.score(seqs, prompt_lens=[len(prompt)] * 2)
     # The prompt's full blocks (up to the last prompt token, whose logits are needed) were
     # cached by the generation and reused; the positions scored were computed.
-    assert llm.engine.prefix_cache_stats["hit_blocks"] - before == 2 * ((len(prompt) - 1) // 16)
+    assert llm.stats().prefix_cache_hit_blocks - before == 2 * ((len(prompt) - 1) // 16)
     for c, s in zip(out.outputs, scores):
         assert len(s) == 12
         assert s == pytest.approx(c.token_logprobs, abs=1e-5)

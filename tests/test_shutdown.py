@@ -24,7 +24,7 @@ def test_shutdown_aborts_requests_and_releases_memory(a_dir):
     aborted = llm.shutdown()
     assert llm.memory_usage() == {"weights": {"device": 0, "host": 0}, "kv_cache": {"device": 0, "host": 0}}
     assert not llm.has_unfinished_requests()
-    assert llm.engine.runner.graphs is None
+    assert llm.worker.runner.graphs is None
     # The aborted request's final output goes to the caller: the tokens it had, "abort".
     (final,) = aborted
     assert final.request_id == rid and final.finished and final.outputs[0].finish_reason == "abort"

@@ -30,7 +30,7 @@ def _device_bytes(llm) -> dict[str, int]:
 def _hog_released_memory(llm) -> list[torch.Tensor]:
     """Fill what sleep just freed with garbage, so a wake that gets memory back without
     restoring its contents cannot pass by finding the old bytes where they were."""
-    return [torch.full((a.nbytes,), 0xFF, dtype=torch.uint8) for a in llm.memory.arenas.values()]
+    return [torch.full((a.nbytes,), 0xFF, dtype=torch.uint8) for a in llm.worker.memory.arenas.values()]
 
 
 # ---- cycles ------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_level_1_after_level_2_reload_keeps_new_weights(a_dir, sd_b, b_out):
     llm.update_weights(sd_b)
     before = snapshot(llm)
     llm.sleep(1)
-    assert llm.memory_usage()["weights"]["host"] == llm.memory.arenas["weights"].nbytes
+    assert llm.memory_usage()["weights"]["host"] == llm.worker.memory.arenas["weights"].nbytes
     hog = _hog_released_memory(llm)
     llm.wake_up()
     del hog
@@ -129,7 +129,7 @@ def test_level_1_between_partial_reloads_keeps_the_first_part(a_dir, sd_a, a_out
 # ---- accounting --------------------------------------------------------------------------
 def test_memory_usage_per_tag(a_dir):
     llm = make_llm(a_dir)
-    w, kv = (llm.memory.arenas[t].nbytes for t in ("weights", "kv_cache"))
+    w, kv = (llm.worker.memory.arenas[t].nbytes for t in ("weights", "kv_cache"))
     assert w > 0 and kv > 0
     awake = {"weights": {"device": w, "host": 0}, "kv_cache": {"device": kv, "host": 0}}
     assert llm.memory_usage() == awake and not llm.is_sleeping
@@ -297,22 +297,22 @@ def test_level_2_after_level_1_discards_the_host_copy(a_dir, sd_a, a_out):
 
 # ---- requests in flight ------------------------------------------------------------------
 def _run_in_flight(llm, sleep_and_wake=None, num_steps_before=3):
-    """Add PROMPTS straight to the engine, step a few times, optionally sleep and wake,
+    """Add PROMPTS through the request-level API, step a few times, optionally sleep and wake,
     then step to the end. Returns {req_id: (token ids, token logprobs)}."""
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, ignore_eos=True)
     for i, p in enumerate(PROMPTS):
-        llm.engine.add_request(f"r{i}", None, p, params)
+        llm.add_request(p, params, request_id=f"r{i}")
     results = {}
 
     def step():
-        results.update((out.request_id, out) for out in llm.engine.step() if out.finished)
+        results.update((out.request_id, out) for out in llm.step() if out.finished)
 
     for _ in range(num_steps_before):
         step()
-    assert not results and llm.engine.has_unfinished_requests(), "requests must still be in flight"
+    assert not results and llm.has_unfinished_requests(), "requests must still be in flight"
     if sleep_and_wake is not None:
         sleep_and_wake(llm)
-    while llm.engine.has_unfinished_requests():
+    while llm.has_unfinished_requests():
         step()
     return {rid: (o.outputs[0].token_ids, o.outputs[0].token_logprobs) for rid, o in results.items()}
 
@@ -341,8 +341,8 @@ def test_sleep_preempts_requests_in_flight(level, a_dir, sd_a):
         assert got[rid][0] == ref[rid][0]  # greedy tokens: identical
         # Recomputed KV may round differently from the KV computed step by step.
         assert got[rid][1] == pytest.approx(ref[rid][1], abs=1e-4)
-    assert not llm.engine.has_unfinished_requests()
-    pool = llm.engine.kv.pool
+    assert not llm.has_unfinished_requests()
+    pool = llm.worker.kv.pool
     pool.check_invariants()
     assert pool.num_free_blocks == pool.num_blocks  # preemption returned every block once
 
@@ -381,7 +381,7 @@ def test_step_api_across_sleep_and_update(a_dir, sd_a):
 def _arena_offsets(llm) -> dict[str, int]:
     """Engine parameter name -> byte offset in the weight arena; asserts every parameter
     lies inside the arena's storage and distinct parameters do not overlap."""
-    arena = llm.memory.arenas["weights"].tensor
+    arena = llm.worker.memory.arenas["weights"].tensor
     base, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
     offsets, spans = {}, {}
     for name, p in params_of(llm).items():
@@ -428,5 +428,5 @@ def test_attention_ignores_unwritten_kv_slots(a_dir, a_out):
     """The KV arena's contents are undefined after a wake (MemoryManager zeroes it, but
     attention should not depend on that): only slots below each seq_len may matter."""
     llm = make_llm(a_dir)
-    llm.memory.arenas["kv_cache"].tensor.fill_(0xFF)  # NaN in every fp32 slot
+    llm.worker.memory.arenas["kv_cache"].tensor.fill_(0xFF)  # NaN in every fp32 slot
     assert greedy(llm) == a_out

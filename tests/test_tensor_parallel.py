@@ -83,8 +83,8 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
                 "greedy": _tokens(llm.generate(PROMPTS, GREEDY)),
                 "seeded": _tokens(llm.generate(PROMPTS, SEEDED)),
                 "unseeded": _tokens(llm.generate(PROMPTS, UNSEEDED)),
-                "kv_heads": llm.engine.runner.kv_caches[0].shape[-2],
-                "num_blocks": llm.engine.runner.scratch_block,  # == the pool's block count
+                "kv_heads": llm.worker.runner.kv_caches[0].shape[-2],
+                "num_blocks": llm.worker.runner.scratch_block,  # == the pool's block count
                 "parallel": [llm.parallel.tp_rank, llm.parallel.dp_rank, llm.parallel.dp_size],
             }
             if name == "llama":

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from rollout import LLM, SamplingParams
-from rollout.distributed import ParallelConfig
+from rollout.distributed import ParallelState
 from rollout.errors import UnsupportedModelError
 from rollout.models.layers.linear import QKVLinear
 from rollout.models.llama import LlamaForCausalLM, split_heads
@@ -68,7 +68,7 @@ def _rank_main(rank: int, port: int, job_dir: str) -> None:
         for name in MODELS:
             llm = LLM(job[name], tensor_parallel_size=2, **ENGINE_ARGS)
             res[name] = {"greedy": _tokens(llm.generate(PROMPTS, GREEDY)),
-                         "kv_heads": llm.engine.runner.kv_caches[0].shape[-2]}
+                         "kv_heads": llm.worker.runner.kv_caches[0].shape[-2]}
             if name == "llama_mqa":
                 llm.update_weights(load_file(Path(job["llama_mqa_new"]) / "model.safetensors"))
                 res[name]["after_update"] = _tokens(llm.generate(PROMPTS, GREEDY))
@@ -153,7 +153,7 @@ def test_heads_that_cannot_be_split_raise_typed_errors(model_dirs, num_heads, nu
 
     config = transformers.AutoConfig.from_pretrained(model_dirs["llama"])
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = num_heads, num_kv_heads, 4
-    parallel = ParallelConfig(tp_size, tp_group=object(), tp_rank=0)  # construction never communicates
+    parallel = ParallelState(tp_size, tp_group=object(), tp_rank=0)  # construction never communicates
     with pytest.raises(UnsupportedModelError, match=message):
         LlamaForCausalLM(config, torch.float32, parallel)
 

@@ -14,11 +14,11 @@ from rollout.distributed.data_parallel import (
     gather_from_dp,
     split_for_dp,
 )
-from rollout.distributed.parallel_state import ParallelConfig, group_timeout, init_parallel
+from rollout.distributed.parallel_state import ParallelState, group_timeout, init_parallel
 
 __all__ = [
     "NoAgreementCheck",
-    "ParallelConfig",
+    "ParallelState",
     "TPAgreementCheck",
     "all_gather",
     "all_reduce",

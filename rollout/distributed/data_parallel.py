@@ -1,7 +1,7 @@
 """Data-parallel shares: each replica (TP group) takes its own contiguous slice of a batch,
 and the results are put back together in batch order.
 
-``parallel`` is an ``LLM``'s ``ParallelConfig`` (``llm.parallel``), or None for an engine
+``parallel`` is an ``LLM``'s ``ParallelState`` (``llm.parallel``), or None for an engine
 with ``tensor_parallel_size=1``: then every rank of an initialised world is its own replica
 (and without a world there is one replica). Results travel as JSON bytes in a uint8
 tensor, never pickle.
@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from rollout.distributed.communication import all_gather
-from rollout.distributed.parallel_state import ParallelConfig
+from rollout.distributed.parallel_state import ParallelState
 
 
-def dp_rank_and_size(parallel: ParallelConfig | None) -> tuple[int, int]:
+def dp_rank_and_size(parallel: ParallelState | None) -> tuple[int, int]:
     """This rank's replica index and the number of replicas."""
     if parallel is not None:
         return parallel.dp_rank, parallel.dp_size
@@ -36,7 +36,7 @@ def dp_bounds(num_items: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
     return start, start + base + (dp_rank < extra)
 
 
-def split_for_dp(items: Any, parallel: ParallelConfig | None) -> list:
+def split_for_dp(items: Any, parallel: ParallelState | None) -> list:
     """This replica's contiguous share of ``items`` (every rank passes the whole batch; the
     ranks of one TP group get the same share)."""
     items = list(items)
@@ -44,7 +44,7 @@ def split_for_dp(items: Any, parallel: ParallelConfig | None) -> list:
     return items[start:end]
 
 
-def gather_from_dp(local_results: list, parallel: ParallelConfig | None, device: Any = "cpu") -> list:
+def gather_from_dp(local_results: list, parallel: ParallelState | None, device: Any = "cpu") -> list:
     """Every replica's ``local_results`` (JSON-serialisable), concatenated in replica order:
     the results of ``split_for_dp`` shares come back in batch order, on every rank.
     Collective over the default (world) group: every rank calls it. ``device``: where the

@@ -1,4 +1,4 @@
-"""``ParallelConfig``: which tensor-parallel group this rank belongs to.
+"""``ParallelState``: which tensor-parallel group this rank belongs to.
 
 The engine never calls ``init_process_group``: the caller (torchrun, a trainer) has. With
 ``tensor_parallel_size=k`` the world is cut into consecutive groups of k ranks
@@ -23,7 +23,7 @@ from rollout.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
+class ParallelState:
     tensor_parallel_size: int = 1
     tp_group: Any = None  # a torch.distributed ProcessGroup; None only when size is 1
     tp_rank: int = 0
@@ -52,7 +52,7 @@ def group_timeout(group: Any = None) -> timedelta | None:
     return None
 
 
-def init_parallel(tensor_parallel_size: int, tp_group: Any = None, timeout: timedelta | None = None) -> ParallelConfig:
+def init_parallel(tensor_parallel_size: int, tp_group: Any = None, timeout: timedelta | None = None) -> ParallelState:
     """The parallel config of this rank. Every rank of the world must call it, in the same
     order (``dist.new_group`` is collective over the world), unless ``tp_group`` is given:
     then that group (of ``tensor_parallel_size`` ranks, this one among them) is used as is,
@@ -79,7 +79,7 @@ def init_parallel(tensor_parallel_size: int, tp_group: Any = None, timeout: time
         tp_rank = dist.get_rank(tp_group)
         if tp_rank < 0:
             raise InvalidRequestError("tp_group", "a group without this rank", f"a group containing rank {rank}")
-        return ParallelConfig(k, tp_group, tp_rank, rank // k, world // k)
+        return ParallelState(k, tp_group, tp_rank, rank // k, world // k)
     if timeout is None:
         timeout = group_timeout()
     mine = None
@@ -87,4 +87,4 @@ def init_parallel(tensor_parallel_size: int, tp_group: Any = None, timeout: time
         group = dist.new_group(list(range(first, first + k)), timeout=timeout, group_desc=f"tp{first // k}")
         if first <= rank < first + k:
             mine = group
-    return ParallelConfig(k, mine, rank % k, rank // k, world // k)
+    return ParallelState(k, mine, rank % k, rank // k, world // k)

@@ -23,28 +23,28 @@ from rollout.ops import Ops
 logger = logging.getLogger(__name__)
 
 
-def capture_sizes(max_num_reqs: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 16 up to ``max_num_reqs`` (and it)."""
-    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_reqs]
-    sizes += list(range(16, max_num_reqs + 1, 16))
-    if sizes[-1] != max_num_reqs:
-        sizes.append(max_num_reqs)
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to ``max_num_seqs`` (and it)."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 16))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
     return sizes
 
 
 class CudaGraphRunner:
     def __init__(
         self, model: nn.Module, kv_caches: list[torch.Tensor], backend: AttentionBackend, ops: Ops,
-        device: torch.device, *, max_num_reqs: int, max_blocks_per_req: int, block_size: int,
-        scratch_block: int, max_seq_len: int, split_counters: torch.Tensor | None = None,
+        device: torch.device, *, max_num_seqs: int, max_blocks_per_req: int, block_size: int,
+        scratch_block: int, max_model_len: int, split_counters: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
         self.ops = ops
         self.device = device
-        self.sizes = capture_sizes(max_num_reqs)
-        self.max_seq_len = max_seq_len
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_model_len = max_model_len
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
         self.split_counters = split_counters  # the runner's: captured by address, never replaced
@@ -63,7 +63,7 @@ class CudaGraphRunner:
         md = AttentionMetadata(
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             query_start_loc=self.query_start_loc[: size + 1], seq_lens=self.seq_lens[:size],
-            query_start_loc_cpu=None, seq_lens_cpu=None, max_query_len=1, max_seq_len=self.max_seq_len,
+            query_start_loc_cpu=None, seq_lens_cpu=None, max_query_len=1, max_seq_len=self.max_model_len,
             decode_only=True, split_counters=self.split_counters,
         )
         with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):

@@ -26,23 +26,23 @@ class RowState:
 
 
 class InputBatch:
-    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
-        self.max_num_reqs = max_num_reqs
-        self.token_ids_cpu = torch.zeros(max_num_reqs, max_model_len + 1, dtype=torch.int64)
-        self.num_tokens_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)  # [max_num_reqs]
-        self.num_computed_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
-        self.block_table_cpu = torch.zeros(max_num_reqs, max_blocks_per_req, dtype=torch.int32)
-        self.num_blocks_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
+    def __init__(self, max_num_seqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.token_ids_cpu = torch.zeros(max_num_seqs, max_model_len + 1, dtype=torch.int64)
+        self.num_tokens_cpu = torch.zeros(max_num_seqs, dtype=torch.int64)  # [max_num_seqs]
+        self.num_computed_cpu = torch.zeros(max_num_seqs, dtype=torch.int64)
+        self.block_table_cpu = torch.zeros(max_num_seqs, max_blocks_per_req, dtype=torch.int32)
+        self.num_blocks_cpu = torch.zeros(max_num_seqs, dtype=torch.int64)
         # ``num_tokens_cpu`` counts a row's tokens still in flight (sampled by the last step
         # launched, not read back yet): placeholders in ``token_ids_cpu``. For those rows,
         # the index of their token in that step's sampled tensor and its position (-1: none).
-        self.pending_idx_cpu = torch.full((max_num_reqs,), -1, dtype=torch.int64)  # [max_num_reqs]
-        self.pending_pos_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
+        self.pending_idx_cpu = torch.full((max_num_seqs,), -1, dtype=torch.int64)  # [max_num_seqs]
+        self.pending_pos_cpu = torch.zeros(max_num_seqs, dtype=torch.int64)
         # Bumped whenever a row changes owner, so a late result never lands in a reused row.
-        self.row_gen_cpu = torch.zeros(max_num_reqs, dtype=torch.int64)
+        self.row_gen_cpu = torch.zeros(max_num_seqs, dtype=torch.int64)
         self.rows: dict[str, int] = {}
         self.states: dict[int, RowState] = {}
-        self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
     def add(self, new: NewRequestData) -> None:
         idx = self._free_rows.pop()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
 from rollout.distributed.agreement import NoAgreementCheck
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.model_runner import ModelRunner, StepHandle
@@ -189,25 +187,3 @@ class LLMEngine:
     def prefix_cache_stats(self) -> dict[str, int]:
         pool = self.kv.pool
         return {"queries": pool.num_hit_queries, "hit_blocks": pool.num_hit_blocks}
-
-
-def default_num_blocks(runner: ModelRunner, platform: Platform, device: torch.device, *,
-                       num_kv_blocks: int | None, kv_cache_memory_bytes: int | None,
-                       gpu_memory_utilization: float) -> int:
-    if num_kv_blocks is not None:
-        return num_kv_blocks
-    per_block = runner.kv_bytes_per_block()
-    budget = kv_cache_memory_bytes
-    if budget is None:
-        if platform.profile_before_kv_sizing:
-            # The largest step's activations and sampler buffers stay reserved in the
-            # allocator's cache, so what is left afterwards is what the KV cache may take.
-            runner.profile_run()
-        budget = platform.kv_cache_budget(device, gpu_memory_utilization)
-    num = budget // per_block
-    if num < 1:
-        raise MemoryError(
-            f"no room for the KV cache: {budget} bytes available, one block needs {per_block};"
-            " lower max_model_len or raise kv_cache_memory_bytes / gpu_memory_utilization"
-        )
-    return int(num)

@@ -22,6 +22,7 @@ from rollout.engine.staging import Staging
 from rollout.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from rollout.memory.arena import Arena
 from rollout.ops import get_ops
+from rollout.config import EngineConfig
 from rollout.platforms import Platform
 
 
@@ -56,18 +57,20 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(
-        self, model: nn.Module, platform: Platform, device: torch.device, *, block_size: int,
-        max_num_reqs: int, max_model_len: int, seed: int, max_num_batched_tokens: int = 8192,
-    ) -> None:
+    def __init__(self, model: nn.Module, platform: Platform, config: EngineConfig) -> None:
+        max_num_seqs = config.scheduler.max_num_seqs
+        max_model_len = config.model.max_model_len
+        max_num_batched_tokens = config.scheduler.max_num_batched_tokens
+        seed = config.model.seed
+        device = config.device
         self.max_num_batched_tokens = max_num_batched_tokens
         self.model = model
         self.platform = platform
         self.device = device
-        self.block_size = block_size
+        self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
-        self.max_blocks_per_req = -(-(max_model_len + 1) // block_size)
-        self.batch = InputBatch(max_num_reqs, max_model_len, self.max_blocks_per_req)
+        self.max_blocks_per_req = -(-(max_model_len + 1) // self.block_size)
+        self.batch = InputBatch(max_num_seqs, max_model_len, self.max_blocks_per_req)
         self.backend = get_attention_backend(platform.attention_backend())
         self.ops = get_ops(platform.ops_backend())
         self.sampler = Sampler(self.ops.sample_tokens, self.ops.rank_tokens)
@@ -82,7 +85,7 @@ class ModelRunner:
         # one merges them in the same launch. Sized for the largest grid: a step has at most
         # max(batched tokens, reqs) tokens and num_q_tiles <= num_tokens + num_reqs. Allocated
         # once and never replaced: CUDA graphs capture its address; launches leave it zero.
-        max_q_tiles = max(max_num_batched_tokens, max_num_reqs) + max_num_reqs
+        max_q_tiles = max(max_num_batched_tokens, max_num_seqs) + max_num_seqs
         self.split_counters = torch.zeros(max_q_tiles * model.num_kv_heads, dtype=torch.int32, device=device)
         self.staging = Staging(self._max_step_bytes(max_num_batched_tokens), device, platform.pin_host_memory)
         # The last launched step's sampled ids [num_reqs] on the device: inputs of the next.
@@ -92,8 +95,8 @@ class ModelRunner:
         """An upper bound of what ``Staging.send`` carries in one step (see _prepare_inputs
         and _sampling_metadata): per token 4 int64, per row 5 int64/fp32 and a block-table
         row, plus alignment."""
-        tokens = max(max_num_batched_tokens, self.batch.max_num_reqs)
-        rows = self.batch.max_num_reqs
+        tokens = max(max_num_batched_tokens, self.batch.max_num_seqs)
+        rows = self.batch.max_num_seqs
         return 8 * 4 * tokens + 8 * 8 * (rows + 1) + 4 * rows * self.max_blocks_per_req + 16 * 16
 
     # ---- KV cache --------------------------------------------------------------------
@@ -120,7 +123,7 @@ class ModelRunner:
         ``max_num_seqs`` sampled rows through the filtering sampler) on a throw-away KV cache,
         so the allocator reserves its peak activation memory before the KV cache is sized."""
         num_tokens = min(self.max_num_batched_tokens, self.max_model_len)
-        num_rows = min(self.batch.max_num_reqs, num_tokens)
+        num_rows = min(self.batch.max_num_seqs, num_tokens)
         layers = len(self.model.model.layers)
         dtype = next(self.model.parameters()).dtype
         num_blocks = -(-num_tokens // self.block_size)
@@ -152,9 +155,9 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps for a ladder of batch sizes (CUDA platforms only)."""
         self.graphs = CudaGraphRunner(
-            self.model, self.kv_caches, self.backend, self.ops, self.device, max_num_reqs=self.batch.max_num_reqs,
+            self.model, self.kv_caches, self.backend, self.ops, self.device, max_num_seqs=self.batch.max_num_seqs,
             max_blocks_per_req=self.max_blocks_per_req, block_size=self.block_size,
-            scratch_block=self.scratch_block, max_seq_len=self.max_model_len, split_counters=self.split_counters,
+            scratch_block=self.scratch_block, max_model_len=self.max_model_len, split_counters=self.split_counters,
         )
         self.graphs.capture()
 

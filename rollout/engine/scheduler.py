@@ -13,29 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rollout.config import SchedulerConfig
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.request import PromptLogprobsSpec, Request, RequestStatus
-from rollout.errors import InvalidRequestError
 from rollout.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    enable_chunked_prefill: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InvalidRequestError(name, v, "an int >= 1")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise InvalidRequestError(
-                "max_num_batched_tokens", self.max_num_batched_tokens,
-                f"an int >= max_model_len={self.max_model_len} when chunked prefill is off",
-            )
 
 
 @dataclass

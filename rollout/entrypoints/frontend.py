@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Union
 
-from rollout.engine.input_processor import InputProcessor, ProcessedPrompt, expand_params, split_prompts
+from rollout.entrypoints.input_processor import InputProcessor, ProcessedPrompt, expand_params, split_prompts
 from rollout.engine.llm_engine import LLMEngine
 from rollout.engine.request import PromptLogprobsSpec, Request
 from rollout.errors import EngineStateError, InvalidRequestError

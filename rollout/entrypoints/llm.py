@@ -11,32 +11,20 @@ from typing import Any
 
 import torch
 
-from rollout.config import CacheConfig, resolve_dtype
-from rollout.distributed import NoAgreementCheck, TPAgreementCheck, init_parallel, min_over_group
-from rollout.engine.input_processor import InputProcessor
-from rollout.engine.kv_cache import KVCacheManager
-from rollout.engine.llm_engine import LLMEngine, default_num_blocks
-from rollout.engine.model_runner import ModelRunner
+from rollout.config import EngineConfig
 from rollout.engine.request import Request
-from rollout.engine.scheduler import Scheduler, SchedulerConfig
+from rollout.engine.worker import MEMORY_TAGS, Worker, describe
 from rollout.entrypoints.async_driver import AsyncDriver
 from rollout.entrypoints.frontend import RequestFrontend
+from rollout.entrypoints.input_processor import InputProcessor
 from rollout.entrypoints.model_source import ModelSource
-from rollout.errors import (
-    CheckpointError, EngineSleepingError, EngineStateError, InvalidRequestError, NonFiniteError, WeightUpdateError,
-)
-from rollout.memory.manager import MemoryManager, move_params_into_arena
-from rollout.models.loader import build_model, init_dummy_weights, read_checkpoint
-from rollout.models.updater import WeightUpdater
-from rollout.models.weights import tensor_problem
-from rollout.outputs import RequestOutput
+from rollout.errors import EngineStateError, InvalidRequestError, NonFiniteError, WeightUpdateError
+from rollout.outputs import EngineStats, RequestOutput
 from rollout.platforms import get_platform
 from rollout.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_MAX_BATCHED_TOKENS = 8192
-_MEMORY_TAGS = ("weights", "kv_cache")
 
 
 class LLM:
@@ -87,77 +75,59 @@ class LLM:
         debug_tp_agreement: bool = False,
     ) -> None:
         t0 = time.perf_counter()
-        # Validated up front, before any model work.
-        self.cache_config = CacheConfig(
-            block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching
-        )
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise InvalidRequestError("seed", seed, "an int")
         self.platform = get_platform(device)
-        self.device = self.platform.parse_device(device)
         source = ModelSource.from_arg(model, load_format)
-        hf_config = source.hf_config
-        self.dtype = resolve_dtype(dtype, source.checkpoint_dtype())
-        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
-        if max_model_len is None:
-            max_model_len = max_pos
-        elif not isinstance(max_model_len, int) or not 2 <= max_model_len <= max_pos:
-            raise InvalidRequestError("max_model_len", max_model_len, f"an int in [2, {max_pos}] (the model's max_position_embeddings)")
-        self.max_model_len = max_model_len
-        self.enforce_eager = enforce_eager
-        sched_config = SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=_DEFAULT_MAX_BATCHED_TOKENS if max_num_batched_tokens is None else max_num_batched_tokens,
-            max_model_len=max_model_len,
+        # Every argument validated and resolved once, before any model work.
+        self.config = EngineConfig.create(
+            hf_config=source.hf_config, architectures=source.architectures, checkpoint_dtype=source.checkpoint_dtype(),
+            device=self.platform.parse_device(device), dtype=dtype, seed=seed, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager, load_format=load_format, tensor_parallel_size=tensor_parallel_size,
+            tp_group=tp_group, debug_tp_agreement=debug_tp_agreement,
         )
-
-        # k > 1 (or a caller's group): this rank's shard of a model over its TP group.
-        self.parallel = None
-        if tensor_parallel_size != 1 or tp_group is not None:
-            self.parallel = init_parallel(tensor_parallel_size, tp_group)
-        self.model = build_model(hf_config, self.dtype, self.device, source.architectures, self.parallel)
-        weights_arena = move_params_into_arena(self.model, lambda n: self.platform.create_arena(n, self.device))
-        if load_format == "dummy":  # random weights (benchmarks): no checkpoint is read
-            init_dummy_weights(self.model, seed)
-        else:
-            source.load_weights(self.model)
         self.tokenizer = source.load_tokenizer(tokenizer)
-        eos_ids = source.eos_token_ids(self.tokenizer)
-        self.hf_config = hf_config
-
-        runner = ModelRunner(
-            self.model, self.platform, self.device, block_size=block_size, max_num_reqs=max_num_seqs,
-            max_model_len=max_model_len, seed=seed, max_num_batched_tokens=sched_config.max_num_batched_tokens,
-        )
-        num_blocks = default_num_blocks(
-            runner, self.platform, self.device, num_kv_blocks=num_kv_blocks,
-            kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
-        )
-        if self.parallel is not None:  # the ranks of a TP group must schedule alike
-            num_blocks = min_over_group(num_blocks, self.parallel.tp_group, self.device)
-        kv_arena = runner.init_kv_cache(num_blocks)
-        if self.platform.supports_cuda_graphs and not enforce_eager:
-            runner.capture_cuda_graphs()
-        self.memory = MemoryManager(weights_arena, kv_arena, pin_host=self.platform.pin_host_memory)
-        self._updater = WeightUpdater(self.model)
-        kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        agreement = NoAgreementCheck()
-        if debug_tp_agreement and self.parallel is not None and self.parallel.tensor_parallel_size > 1:
-            agreement = TPAgreementCheck(self.parallel.tp_group, self.device)
-        self.engine = LLMEngine(
-            runner, Scheduler(sched_config, kv), self.tokenizer, eos_ids, self.platform, agreement
+        #: The engine's body (model, runner, memory, scheduler, step loop): see ``Worker``.
+        self.worker = Worker(
+            self.config, self.platform, source.load_weights, self.tokenizer, source.eos_token_ids(self.tokenizer)
         )
         self.input_processor = InputProcessor(
-            self.tokenizer, hf_config.vocab_size, max_model_len, self.engine.max_num_tokens
+            self.tokenizer, self.config.model.vocab_size, self.config.model.max_model_len,
+            self.worker.engine.max_num_tokens,
         )
-        self._frontend = RequestFrontend(self.engine, self.input_processor, self._require_awake, self._is_awake)
+        self._frontend = RequestFrontend(self.worker.engine, self.input_processor, self._require_awake, self._is_awake)
         self._driver = AsyncDriver(self._frontend)
-        self._shut_down = False
-        logger.info(
-            "rollout LLM ready in %.1fs: %s %s on %s, %d KV blocks x %d tokens, max_model_len %d",
-            time.perf_counter() - t0, hf_config.architectures, self.dtype, self.device, num_blocks,
-            block_size, max_model_len,
-        )
+        logger.info(describe(self.config, self.worker, time.perf_counter() - t0))
+
+    # ---- what the engine is -------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The rollout model (its parameters are the engine's weights, in place)."""
+        return self.worker.model
+
+    @property
+    def device(self) -> Any:
+        return self.config.device
+
+    @property
+    def hf_config(self) -> Any:
+        return self.config.model.hf_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.model.max_model_len
+
+    @property
+    def parallel(self) -> Any:
+        """This rank's ``rollout.distributed.ParallelState`` (tensor-parallel group, data-parallel
+        rank), or None without tensor parallelism."""
+        return self.worker.parallel
+
+    def stats(self) -> EngineStats:
+        """Counters and sizes: steps, tokens, preemptions, KV blocks by state, prefix-cache
+        hits, weight version, the kernels chosen and the CUDA graph sizes."""
+        return self.worker.stats()
 
     # ---- lifetime -----------------------------------------------------------------------
     def shutdown(self) -> list[RequestOutput]:
@@ -170,16 +140,11 @@ class LLM:
         Under tensor parallelism over NCCL call it on every rank before
         ``torch.distributed.destroy_process_group()``: NCCL cannot tear down a communicator
         while CUDA graphs that captured its collectives are alive, and the destroy hangs."""
-        if self._shut_down:
+        if self.worker.is_shut_down:
             return []
-        unfinished = list(self.engine.outputs.parents)
+        unfinished = list(self.worker.engine.outputs.parents)
         aborted = self._frontend.abort(unfinished) if unfinished else []
-        self.engine.flush()
-        self.engine.runner.release_cuda_graphs()
-        self.memory.close()
-        self._updater.discard()
-        self.platform.release_cached_memory(self.device)
-        self._shut_down = True
+        self.worker.shutdown()
         logger.info("rollout LLM shut down (%d unfinished requests aborted)", len(aborted))
         return aborted
 
@@ -194,7 +159,7 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix: later prompts recompute their KV."""
-        self.engine.reset_prefix_cache()
+        self.worker.engine.reset_prefix_cache()
 
     def generate(
         self,
@@ -265,7 +230,7 @@ class LLM:
         requests keep their tokens and go on at the next call. Outputs
         made while another call drove the engine (``generate``, the async loop) come with
         the next ``step()``."""
-        if not self._frontend.paused and self.engine.has_unfinished_requests():
+        if not self._frontend.paused and self.worker.engine.has_unfinished_requests():
             self._require_awake("step")
             self._frontend.step()
         return self._frontend.router.take_unclaimed()
@@ -284,7 +249,7 @@ class LLM:
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is unfinished, or an output still waits for ``step()``."""
-        return self.engine.has_unfinished_requests() or bool(self._frontend.router.unclaimed)
+        return self.worker.engine.has_unfinished_requests() or bool(self._frontend.router.unclaimed)
 
     def pause(self) -> None:
         """Stop scheduling at the step boundary: requests in flight keep their tokens and KV
@@ -351,32 +316,23 @@ class LLM:
     @property
     def weight_version(self) -> int:
         """Bumped by every successful weight update; carried by every RequestOutput."""
-        return self.engine.weight_version
+        return self.worker.engine.weight_version
 
     @property
     def is_sleeping(self) -> bool:
-        return self.memory.is_sleeping
+        return self.worker.memory.is_sleeping
 
     def sleep(self, level: int = 1) -> None:
         """Hand device memory back (to the trainer). Level 1: the KV cache is dropped and
         the weights are copied to (pinned) host memory; level 2: both are dropped and the
         weights must come back through ``update_weights`` or ``load_weights``. Requests in
         flight lose their KV and are recomputed after the wake. Sleeping twice is a no-op."""
-        self.memory.check_level(level)  # before anything is dropped
-        if self._shut_down:
+        self.worker.memory.check_level(level)  # before anything is dropped
+        if self.worker.is_shut_down:
             return
         t0 = time.perf_counter()
-        before = self.memory.memory_usage()
-        if self.memory.arenas["kv_cache"].is_mapped:
-            self.engine.drop_kv_cache()
-        self.memory.sleep(level)
-        self.platform.release_cached_memory(self.device)
-        if level == 2:
-            self._updater.discard()
-        logger.info(
-            "sleep(level=%d) in %.3fs: freed %d bytes of device memory", level, time.perf_counter() - t0,
-            sum(v["device"] for v in before.values()) - sum(v["device"] for v in self.memory.memory_usage().values()),
-        )
+        freed = self.worker.sleep(level)
+        logger.info("sleep(level=%d) in %.3fs: freed %d bytes of device memory", level, time.perf_counter() - t0, freed)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Take device memory back: ``tags`` from "weights", "kv_cache" (None: both). On CUDA
@@ -386,18 +342,18 @@ class LLM:
         succeed. Waking what is awake is a no-op."""
         self._require_open("wake_up")
         if tags is not None and (
-            not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t in _MEMORY_TAGS for t in tags)
+            not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) and t in MEMORY_TAGS for t in tags)
         ):
-            raise InvalidRequestError("tags", tags, f"None or a list of {list(_MEMORY_TAGS)}")
+            raise InvalidRequestError("tags", tags, f"None or a list of {list(MEMORY_TAGS)}")
         t0 = time.perf_counter()
-        woken = self.memory.wake_up(tags)
+        woken = self.worker.wake_up(tags)
         if woken:
             logger.info("wake_up(%s) in %.3fs", woken, time.perf_counter() - t0)
             self._driver.kick()  # async requests waited for the memory
 
     def memory_usage(self) -> dict[str, dict[str, int]]:
         """Bytes held per tag: ``{"weights": {"device": n, "host": m}, "kv_cache": {...}}``."""
-        return self.memory.memory_usage()
+        return self.worker.memory.memory_usage()
 
     def update_weights(
         self, named_tensors: Any, version: int | None = None, *, check_finite: bool = True,
@@ -415,19 +371,12 @@ class LLM:
         bumped, or set to ``version`` (an int >= 0, not below the current version unless
         ``allow_version_decrease``); requests in flight (say, paused) keep their tokens and
         recompute their KV under the new weights. Returns the number of tensors loaded."""
-        self._require_awake("update_weights", tags=("weights",))
-        self._check_version(version, allow_version_decrease, check_finite)
+        self._require_open("update_weights")
+        _check_flag("check_finite", check_finite)
         items = _named_tensor_pairs(named_tensors)
-        problems = [p for name, t in items if (p := tensor_problem(name, t)) is not None]
-        if problems:
-            raise WeightUpdateError("; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
-        shapes = [(name, t.shape, t.dtype) for name, t in items]
-        n = self._updater.apply(
-            shapes, lambda: (t for _, t in items), require_all=False, error_cls=WeightUpdateError,
-            check_finite=check_finite,
+        return self.worker.update_weights(
+            items, version, check_finite=check_finite, allow_version_decrease=allow_version_decrease
         )
-        self._after_update(version)
-        return n
 
     def mark_partial_update(self, loaded: set[str]) -> int:
         """For streaming loaders (``trainers_integration.update_weights_in_buckets``): a stream
@@ -436,7 +385,7 @@ class LLM:
         ``update_weights`` or ``load_weights`` loads them too. Returns how many are stale."""
         if not isinstance(loaded, (set, frozenset, list, tuple)) or not all(isinstance(n, str) for n in loaded):
             raise InvalidRequestError("loaded", loaded, "a set of HF weight names (str)")
-        return self._updater.mark_stale_except(set(loaded))
+        return self.worker.mark_partial_update(set(loaded))
 
     def load_weights(
         self, path: str | os.PathLike, version: int | None = None, *, check_finite: bool = True,
@@ -446,57 +395,29 @@ class LLM:
         sharded checkpoint's index may name only files inside the directory). With
         ``check_finite`` the checkpoint is read twice (a NaN/inf pass, then the copy) so a
         bad tensor anywhere leaves the old weights untouched."""
-        self._require_awake("load_weights", tags=("weights",))
+        self._require_open("load_weights")
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidRequestError("path", path, "a str or os.PathLike: a safetensors checkpoint directory")
-        self._check_version(version, allow_version_decrease, check_finite)
-        shapes, open_tensors = read_checkpoint(path)
-        n = self._updater.apply(
-            shapes, open_tensors, require_all=False, error_cls=CheckpointError, check_finite=check_finite
+        _check_flag("check_finite", check_finite)
+        return self.worker.load_weights(
+            path, version, check_finite=check_finite, allow_version_decrease=allow_version_decrease
         )
-        self._after_update(version)
-        return n
-
-    def _check_version(self, version: int | None, allow_decrease: bool, check_finite: bool) -> None:
-        for name, flag in (("allow_version_decrease", allow_decrease), ("check_finite", check_finite)):
-            if not isinstance(flag, bool):
-                raise InvalidRequestError(name, flag, "a bool")
-        if version is None:
-            return
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise InvalidRequestError("version", version, "None or an int >= 0")
-        current = self.engine.weight_version
-        if version < current and not allow_decrease:
-            raise InvalidRequestError(
-                "version", version,
-                f"an int >= the current weight_version={current} (allow_version_decrease=True goes back)",
-            )
-
-    def _after_update(self, version: int | None) -> None:
-        # KV computed with the old weights is stale, cached prefixes and in-flight requests
-        # alike: the latter keep their tokens and recompute it under the new weights.
-        self.engine.drop_kv_cache()
-        self.engine.weight_version = self.engine.weight_version + 1 if version is None else version
 
     def _is_awake(self) -> bool:
-        return not self._shut_down and not self.memory.asleep_tags() and not self._updater.missing_names
+        return self.worker.is_awake()
 
     def _require_open(self, what: str) -> None:
-        if self._shut_down:
+        if self.worker.is_shut_down:
             raise EngineStateError(f"{what} after shutdown(): the engine released its memory for good; build a new LLM")
 
-    def _require_awake(self, what: str, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+    def _require_awake(self, what: str, tags: tuple[str, ...] = MEMORY_TAGS) -> None:
         self._require_open(what)
-        asleep = [t for t in tags if t in self.memory.asleep_tags()]
-        if asleep:
-            raise EngineSleepingError(f"{what} needs {asleep} awake: call wake_up({asleep}) first")
-        if "kv_cache" in tags and self._updater.missing_names:
-            missing = self._updater.missing_names
-            raise EngineSleepingError(
-                f"{what}: {len(missing)} weights are undefined or stale (discarded by sleep(level=2), or not "
-                f"reached by a streamed update that failed part-way) "
-                f"(e.g. {missing[:3]}); call update_weights or load_weights with them first"
-            )
+        self.worker.require_awake(what, tags)
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(name, value, "a bool")
 
 
 def _raise_if_nonfinite(outputs: list[RequestOutput]) -> None:

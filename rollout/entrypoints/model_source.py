@@ -17,7 +17,7 @@ from rollout.models.loader import checkpoint_files, load_checkpoint, load_named_
 logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-LOAD_FORMATS = ("auto", "dummy")
+from rollout.config import LOAD_FORMATS  # noqa: E402 (one list of load formats)
 
 
 @dataclass

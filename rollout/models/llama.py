@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from rollout.distributed.parallel_state import ParallelConfig
+from rollout.distributed.parallel_state import ParallelState
 from rollout.errors import UnsupportedModelError
 from rollout.forward_context import current_ops
 from rollout.models.layers.attention import Attention
@@ -57,7 +57,7 @@ class DecoderAttention(nn.Module):
 
     def __init__(
         self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
-        parallel: ParallelConfig,
+        parallel: ParallelState,
     ) -> None:
         super().__init__()
         hidden = config.hidden_size
@@ -88,7 +88,7 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelConfig) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelState) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
@@ -107,7 +107,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(
         self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
-        parallel: ParallelConfig,
+        parallel: ParallelState,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, parallel: ParallelConfig) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, parallel: ParallelState) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
             config.vocab_size, config.hidden_size, dtype, parallel.tp_rank, parallel.tensor_parallel_size,
@@ -162,10 +162,10 @@ class LlamaForCausalLM(nn.Module):
         "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
     }
 
-    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelConfig | None = None) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelState | None = None) -> None:
         super().__init__()
         self.config = config
-        parallel = parallel or ParallelConfig()
+        parallel = parallel or ParallelState()
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
         self.model = DecoderModel(config, dtype, qkv_bias, self.qk_norm, parallel)
         tied = getattr(config, "tie_word_embeddings", False)

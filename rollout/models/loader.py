@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from rollout.distributed.parallel_state import ParallelConfig
+from rollout.distributed.parallel_state import ParallelState
 from rollout.errors import CheckpointError, UnsupportedModelError
 from rollout.models.registry import resolve_model_class
 from rollout.models.updater import WeightUpdater
@@ -29,7 +29,7 @@ _MAX_LISTED = 10
 
 def build_model(
     config: Any, dtype: torch.dtype, device: torch.device, architectures: list[str] | None = None,
-    parallel: ParallelConfig | None = None,
+    parallel: ParallelState | None = None,
 ) -> nn.Module:
     """An uninitialised model for ``config`` on ``device`` (weights come from a loader).
     ``architectures`` defaults to the config's. The registry contract is ``cls(config,

@@ -47,7 +47,7 @@ def case_matches_cpu(work: Path) -> dict:
         graphs = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128)
         eager = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128, enforce_eager=True)
         res[name] = {"graphs": _tokens(graphs) == cpu, "eager": _tokens(eager) == cpu,
-                     "captured": graphs.engine.runner.graphs is not None}
+                     "captured": graphs.worker.runner.graphs is not None}
     return res
 
 
@@ -87,7 +87,7 @@ def case_sleep_frees_memory(work: Path) -> dict:
     llm, ref, mem = _measured_engine(d)
     free0, free1, arenas, footprint = mem["free0"], mem["free1"], mem["arenas"], mem["footprint"]
     ptrs = {n: p.data_ptr() for n, p in llm.model.named_parameters()}
-    kv_ptr = llm.engine.runner.kv_caches[0].data_ptr()
+    kv_ptr = llm.worker.runner.kv_caches[0].data_ptr()
     out = {"footprint": footprint, "arenas": arenas, "process_delta": free0 - free1}
     for level in (1, 2):
         llm.sleep(level)
@@ -105,9 +105,9 @@ def case_sleep_frees_memory(work: Path) -> dict:
 
     llm.update_weights(load_file(str(_dirs(work)["llama_b"] / "model.safetensors")).items())
     out["params_ptrs_unchanged"] = all(p.data_ptr() == ptrs[n] for n, p in llm.model.named_parameters())
-    out["kv_ptr_unchanged"] = llm.engine.runner.kv_caches[0].data_ptr() == kv_ptr
+    out["kv_ptr_unchanged"] = llm.worker.runner.kv_caches[0].data_ptr() == kv_ptr
     out["update_changed_weights"] = any(not torch.equal(p, sd[n]) for n, p in llm.model.named_parameters())
-    out["vmm"] = llm.memory.arenas["weights"].keeps_address
+    out["vmm"] = llm.worker.memory.arenas["weights"].keeps_address
     return out
 
 
@@ -118,8 +118,8 @@ def case_shutdown_frees_everything(work: Path) -> dict:
     llm, ref, mem = _measured_engine(d)
     llm.shutdown()
     free2, _ = torch.cuda.mem_get_info()
-    out = {"returned_fraction": (free2 - mem["free1"]) / mem["footprint"], "graphs_dropped": llm.engine.runner.graphs is None,
-           "addresses_freed": all(a.address is None for a in llm.memory.arenas.values()),
+    out = {"returned_fraction": (free2 - mem["free1"]) / mem["footprint"], "graphs_dropped": llm.worker.runner.graphs is None,
+           "addresses_freed": all(a.address is None for a in llm.worker.memory.arenas.values()),
            "process_delta_left": mem["free0"] - free2}
     with LLM(str(d), dtype="float32", device="cuda", kv_cache_memory_bytes=4 << 30) as again:
         out["new_engine_same_output"] = _tokens(again) == ref
@@ -132,7 +132,7 @@ def case_graph_replay_after_wake(work: Path) -> dict:
     eager = _tokens(LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128, enforce_eager=True))
     llm = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128)
     out = {"before": _tokens(llm) == eager}
-    n_graphs = len(llm.engine.runner.graphs.graphs)
+    n_graphs = len(llm.worker.runner.graphs.graphs)
     for level in (1, 2):
         llm.sleep(level)
         llm.wake_up(["weights"])
@@ -140,7 +140,7 @@ def case_graph_replay_after_wake(work: Path) -> dict:
             llm.load_weights(str(d))
         llm.wake_up(["kv_cache"])
         out[f"after_level{level}"] = _tokens(llm) == eager
-    out["no_recapture"] = len(llm.engine.runner.graphs.graphs) == n_graphs
+    out["no_recapture"] = len(llm.worker.runner.graphs.graphs) == n_graphs
     return out
 
 
@@ -177,7 +177,7 @@ def case_bf16_triton_vs_torch(work: Path) -> dict:
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=0)
     for name, d in _dirs(work).items():
         triton_llm = LLM(str(d), dtype="bfloat16", device="cuda", num_kv_blocks=256)
-        assert triton_llm.engine.runner.backend.name == "triton"
+        assert triton_llm.stats().attention_backend == "triton"
         outs = triton_llm.generate(PROMPTS, params)
         seqs = [p + o.outputs[0].token_ids for p, o in zip(PROMPTS, outs)]
         got = [lp for o in outs for lp in o.outputs[0].token_logprobs]
@@ -186,7 +186,7 @@ def case_bf16_triton_vs_torch(work: Path) -> dict:
         CudaPlatform.ops_backend = lambda self: "torch"
         try:
             torch_llm = LLM(str(d), dtype="bfloat16", device="cuda", num_kv_blocks=256, enforce_eager=True)
-            assert torch_llm.engine.runner.backend.name == "torch_sdpa"
+            assert torch_llm.stats().attention_backend == "torch_sdpa"
             ref = [lp for s, p in zip(torch_llm.score(seqs, prompt_lens=[len(p) for p in PROMPTS]), PROMPTS) for lp in s]
         finally:
             CudaPlatform.attention_backend, CudaPlatform.ops_backend = orig
@@ -204,7 +204,7 @@ def case_default_kv_sizing(work: Path) -> dict:
     llm = LLM(str(d), dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3, max_num_batched_tokens=4096)
     ok = len(_tokens(llm)[0]) == GREEDY.max_tokens
     free, total = torch.cuda.mem_get_info()
-    return {"generated": ok, "used_fraction": (total - free) / total, "num_blocks": llm.engine.kv.num_blocks}
+    return {"generated": ok, "used_fraction": (total - free) / total, "num_blocks": llm.stats().num_kv_blocks}
 
 
 CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_shutdown_frees_everything, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing)}

@@ -68,8 +68,8 @@ def _tp_case(d: str, dev: str) -> dict:
         "graphs": _tokens(graphs.generate(PROMPTS, GREEDY)),
         "eager": _tokens(eager.generate(PROMPTS, GREEDY)),
         "seeded": _tokens(graphs.generate(PROMPTS, SEEDED)),
-        "captured": graphs.engine.runner.graphs is not None,
-        "kv_heads": graphs.engine.runner.kv_caches[0].shape[-2],
+        "captured": graphs.worker.runner.graphs is not None,
+        "kv_heads": graphs.worker.runner.kv_caches[0].shape[-2],
     }
     graphs.shutdown()  # graphs that captured NCCL collectives must go before the world does
     eager.shutdown()
@@ -111,7 +111,7 @@ def _sleep_update_case(d: str, new_dir: str, dev: str) -> dict:
     free0 = torch.cuda.mem_get_info()[0] if on_gpu else 0
     llm.sleep(level=1)
     freed = torch.cuda.mem_get_info()[0] - free0 if on_gpu else 0
-    footprint = llm.memory.arenas["weights"].nbytes + llm.memory.arenas["kv_cache"].nbytes
+    footprint = llm.worker.memory.arenas["weights"].nbytes + llm.worker.memory.arenas["kv_cache"].nbytes
     llm.wake_up()
     after_wake = _tokens(llm.generate(PROMPTS, GREEDY))
     llm.sleep(level=2)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.request import Request
-from rollout.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from rollout.config import SchedulerConfig
+from rollout.engine.scheduler import Scheduler, SchedulerOutput
 from rollout.sampling_params import SamplingParams
 
 DEFAULT_TOKEN = 7

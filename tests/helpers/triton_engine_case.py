@@ -30,7 +30,7 @@ def main(work: str, mode: str) -> None:
     out = {}
     for name in MODELS:
         llm = LLM(str(dirs[name]), dtype="float32", num_kv_blocks=32, max_num_seqs=4, max_num_batched_tokens=16)
-        assert llm.engine.runner.ops.name == mode and llm.engine.runner.backend.name == ("triton" if mode == "triton" else "torch_sdpa")
+        assert llm.stats().op_set == mode and llm.stats().attention_backend == ("triton" if mode == "triton" else "torch_sdpa")
         outs = llm.generate(PROMPTS, GREEDY)
         out[name] = [{"ids": list(o.outputs[0].token_ids), "lps": o.outputs[0].token_logprobs,
                       "cached": o.num_cached_tokens} for o in outs]
