@@ -150,7 +150,7 @@ class EngineConfig:
         num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
         gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True, enforce_eager: bool = False,
         load_format: str = "auto", tensor_parallel_size: int = 1, tp_group: Any = None,
-        debug_tp_agreement: bool = False,
+        debug_tp_agreement: bool = False, enable_chunked_prefill: bool = True,
     ) -> EngineConfig:
         """Validate ``LLM``'s arguments and resolve them against the model's config:
         ``dtype="auto"`` is the checkpoint's, ``max_model_len=None`` the model's
@@ -167,11 +167,14 @@ class EngineConfig:
             hf_config, tuple(architectures) if architectures else None, resolve_dtype(dtype, checkpoint_dtype),
             max_model_len, load_format, seed,
         )
-        scheduler = SchedulerConfig(
-            max_num_seqs,
-            DEFAULT_MAX_NUM_BATCHED_TOKENS if max_num_batched_tokens is None else max_num_batched_tokens,
-            max_model_len,
-        )
+        if not isinstance(enable_chunked_prefill, bool):
+            raise InvalidRequestError("enable_chunked_prefill", enable_chunked_prefill, "a bool")
+        if max_num_batched_tokens is None:
+            # Without chunking a whole prompt must fit one step's budget.
+            max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+            if not enable_chunked_prefill:
+                max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+        scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill)
         parallel = ParallelConfig(tensor_parallel_size, tp_group, debug_tp_agreement)
         return cls(model, cache, scheduler, parallel, device, enforce_eager)
 

@@ -72,7 +72,6 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first sample)
     weight_version: int = 0  # LLM.weight_version when the request was submitted
-    metrics: dict[str, float] = field(default_factory=dict)
     # Set on the final output when a sample ended with finish_reason "error" (a
     # rollout.errors.NonFiniteError naming them); streams and generate raise it.
     error: Exception | None = None

@@ -4,8 +4,10 @@ returned logprob."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 import threading
 
 import pytest
@@ -328,6 +330,36 @@ def test_outputs_in_prompt_order_with_tqdm(llm):
     again = llm.generate(prompts, params, use_tqdm=True)
     ids = [o.request_id for o in outs + again]
     assert len(set(ids)) == len(ids)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_by_default_only_on_a_terminal(llm, monkeypatch, terminal):
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2))
+    assert ("Generating" in err.getvalue()) == terminal
+    err.truncate(0)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert "Generating" not in err.getvalue()
+
+
+def test_chunked_prefill_off_gives_the_same_tokens(llama_dir, llm):
+    prompts = [random_prompt(60, seed=3), random_prompt(7, seed=4)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    whole = _llm(llama_dir, enable_chunked_prefill=False)
+    assert whole.config.scheduler.max_num_batched_tokens >= whole.max_model_len
+    chunked = _llm(llama_dir, max_num_batched_tokens=16)
+    got = [o.outputs[0].token_ids for o in whole.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in chunked.generate(prompts, params)]
+    with pytest.raises(InvalidRequestError, match="enable_chunked_prefill"):
+        _llm(llama_dir, enable_chunked_prefill="no")
+    with pytest.raises(InvalidRequestError, match="when chunked prefill is off"):
+        _llm(llama_dir, enable_chunked_prefill=False, max_num_batched_tokens=16)
 
 
 def test_stop_token_text_left_out_unless_asked(model_dirs):

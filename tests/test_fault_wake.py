@@ -32,10 +32,10 @@ def _greedy(llm) -> list:
 def pool():
     """A 64 MiB device, registered as the platform ``pooled_cpu`` for this test only."""
     pool = DevicePool(64 * MiB)
-    platforms._reset_for_tests()
+    platforms.reload_plugins()
     register_platform(pooled_platform(pool, DEVICE))
     yield pool
-    platforms._reset_for_tests()  # auto-detection must not find it in later tests
+    platforms.reload_plugins()  # auto-detection must not find it in later tests
 
 
 def _sizes(llm) -> tuple[int, int]:

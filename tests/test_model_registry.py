@@ -49,10 +49,10 @@ def greedy_tokens(llm: LLM) -> list[list[int]]:
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    registry._reset_for_tests()
+    registry.reload_plugins()
     modules_before = set(sys.modules)
     yield
-    registry._reset_for_tests()  # before monkeypatch restores sys.path; next lookup rescans
+    registry.reload_plugins()  # before monkeypatch restores sys.path; next lookup rescans
     for name in set(sys.modules) - modules_before:
         if name.startswith("rollout_"):  # plugin packages written by make_plugin
             del sys.modules[name]
@@ -91,7 +91,7 @@ def test_entry_point_model(llama_dir, llama_tokens, tmp_path, monkeypatch, model
         "DummyForCausalLM = rollout_dummy_model:DummyForCausalLM\n",
     )
     monkeypatch.syspath_prepend(str(root))
-    registry._reset_for_tests()
+    registry.reload_plugins()
     assert "DummyForCausalLM" in registry.supported_architectures()
     d = model_dir_with(llama_dir, tmp_path / "dummy", architectures=["DummyForCausalLM"], model_type=model_type)
     llm = LLM(str(d), dtype="float32", num_kv_blocks=16)
@@ -115,7 +115,7 @@ def test_broken_plugins_are_skipped_with_a_warning(llama_dir, llama_tokens, tmp_
         """,
     )
     monkeypatch.syspath_prepend(str(root))
-    registry._reset_for_tests()
+    registry.reload_plugins()
     with caplog.at_level(logging.WARNING, logger=registry.__name__):
         supported = registry.supported_architectures()
     for name in ("BrokenForCausalLM", "MissingForCausalLM", "NotAModelForCausalLM"):
@@ -144,7 +144,7 @@ def test_register_model_at_run_time():
 
     registry.register_model("RuntimeForCausalLM", RuntimeForCausalLM)
     assert registry.resolve_model_class(["RuntimeForCausalLM"]) is RuntimeForCausalLM
-    registry._reset_for_tests()
+    registry.reload_plugins()
     with pytest.raises(UnsupportedModelError):
         registry.resolve_model_class(["RuntimeForCausalLM"])
 

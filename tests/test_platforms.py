@@ -39,10 +39,10 @@ def make_plugin(root: Path, pkg: str, code: str, entry_points: str) -> Path:
 
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch):
-    platforms._reset_for_tests()
+    platforms.reload_plugins()
     modules_before = set(sys.modules)
     yield
-    platforms._reset_for_tests()  # before monkeypatch restores sys.path; next lookup rescans
+    platforms.reload_plugins()  # before monkeypatch restores sys.path; next lookup rescans
     for name in set(sys.modules) - modules_before:
         if name.startswith("rollout_"):  # plugin packages written by make_plugin
             del sys.modules[name]

@@ -19,8 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from rollout.attention_backends import get_attention_backend  # noqa: E402
-from rollout.forward_context import AttentionMetadata  # noqa: E402
+from rollout.models.backends import AttentionMetadata, BackendLimits, create_attention_backend  # noqa: E402
 from rollout.kernels import triton_attention  # noqa: E402
 from rollout.kernels.attention import paged_attention_ref, write_kv_ref  # noqa: E402
 from rollout.kernels.triton_attention import (  # noqa: E402
@@ -310,34 +309,36 @@ def test_write_kv_matches_reference_and_skips_negative_slots(cache_dtype):
 
 
 def test_triton_backend_runs_on_attention_metadata(monkeypatch):
-    """The backend reads device tensors only and hands the metadata's split counters on: a
-    600-token decode of few programs splits by the default policy, merged in the launch."""
-    backend = get_attention_backend("triton")
-    assert backend.name == "triton" and backend.write_kv is write_kv
+    """The backend reads device tensors only and owns its split counters: a 600-token decode
+    of few programs splits by the default policy, merged in the launch."""
     step = _build_step([*_mixed_specs(4)[:5], (600, 1)], 4, 8, 2, 16, torch.float32, seed=5)
+    qsl, seq_lens = step["query_start_loc"], step["seq_lens"]
+    num_tokens = int(qsl[-1])
+    num_kv_heads = step["kv_cache"].shape[3]
+    backend = create_attention_backend("triton", BackendLimits(num_kv_heads, num_tokens, len(seq_lens), DEVICE))
+    assert backend.name == "triton" and backend.write_kv is write_kv
+    assert backend.split_counters is not None and not backend.split_counters.any()
     assert _plan(step, None).num_splits > 1
-    counters = _split_counters(step, None)
     _no_combine_launch(monkeypatch)
     kv_cache = step["kv_cache"].to(DEVICE)
-    qsl, seq_lens = step["query_start_loc"], step["seq_lens"]
     md = AttentionMetadata(
         slot_mapping=step["slot_mapping"].to(DEVICE), block_tables=step["block_tables"].to(DEVICE),
         query_start_loc=qsl.to(DEVICE), seq_lens=seq_lens.to(DEVICE),
         query_start_loc_cpu=None, seq_lens_cpu=None,  # the backend reads device tensors only
-        max_query_len=int((qsl[1:] - qsl[:-1]).max()), max_seq_len=int(seq_lens.max()), split_counters=counters,
+        max_query_len=int((qsl[1:] - qsl[:-1]).max()), max_seq_len=int(seq_lens.max()),
     )
     backend.write_kv(step["new_k"].to(DEVICE), step["new_v"].to(DEVICE), kv_cache, md.slot_mapping)
     out = backend.attention(step["query"].to(DEVICE), kv_cache, md, 0.25)
     expected = paged_attention_ref(step["query"], kv_cache.cpu(), step["block_tables"], qsl, seq_lens, 0.25)
     torch.testing.assert_close(out.cpu(), expected, **TOL[torch.float32])
-    assert not counters.any()
+    assert not backend.split_counters.any()
 
 
 def test_backends_import_without_triton():
     """The backend registry imports, and names 'triton' as unavailable, where triton is not."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "from rollout.attention_backends import get_attention_backend\n"
+        "from rollout.models.backends import create_attention_backend as get_attention_backend\n"
         "from rollout.errors import PlatformError\n"
         "assert get_attention_backend('torch').name == 'torch'\n"
         "try:\n    get_attention_backend('triton')\nexcept PlatformError as e:\n    print(e)\n"

@@ -27,10 +27,6 @@ from trainers_integration.sync import update_weights_in_buckets
 logger = logging.getLogger(__name__)
 
 
-def _device_bytes(llm) -> int:
-    return sum(v["device"] for v in llm.memory_usage().values())
-
-
 def _log_memory(llm, boundary: str) -> int:
     usage = llm.memory_usage()
     device = sum(v["device"] for v in usage.values())

@@ -17,8 +17,8 @@ import time
 import torch
 from torch import nn
 
-from rollout.forward_context import AttentionBackend, AttentionMetadata, ForwardContext, set_forward_context
-from rollout.ops import Ops
+from rollout.models.backends import AttentionBackend, AttentionMetadata, Ops
+from rollout.models.forward_context import ForwardContext, set_forward_context
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class CudaGraphRunner:
     def __init__(
         self, model: nn.Module, kv_caches: list[torch.Tensor], backend: AttentionBackend, ops: Ops,
         device: torch.device, *, max_num_seqs: int, max_blocks_per_req: int, block_size: int,
-        scratch_block: int, max_model_len: int, split_counters: torch.Tensor | None = None,
+        scratch_block: int, max_model_len: int,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -47,7 +47,6 @@ class CudaGraphRunner:
         self.max_model_len = max_model_len
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
-        self.split_counters = split_counters  # the runner's: captured by address, never replaced
         n = self.sizes[-1]
         i32 = dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)  # [max_reqs]
@@ -64,7 +63,7 @@ class CudaGraphRunner:
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             query_start_loc=self.query_start_loc[: size + 1], seq_lens=self.seq_lens[:size],
             query_start_loc_cpu=None, seq_lens_cpu=None, max_query_len=1, max_seq_len=self.max_model_len,
-            decode_only=True, split_counters=self.split_counters,
+            decode_only=True,
         )
         with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):
             hidden = self.model(self.input_ids[:size], self.positions[:size])

@@ -7,7 +7,8 @@ from typing import Any
 
 from rollout.distributed.agreement import NoAgreementCheck
 from rollout.engine.kv_cache import KVCacheManager
-from rollout.engine.model_runner import ModelRunner, StepHandle
+from rollout.engine.model_runner import ModelRunner
+from rollout.engine.step_data import StepHandle
 from rollout.engine.output_processor import OutputProcessor
 from rollout.engine.request import PromptLogprobsSpec, Request, RequestStatus
 from rollout.engine.scheduler import Scheduler, SchedulerOutput
@@ -138,7 +139,8 @@ class LLMEngine:
         run = self.runner.finish(handle)
         self.num_steps += 1
         self.agreement.check_step(self.num_steps, run.req_ids, run.sampled_token_ids)
-        for req_id, (start, entries) in run.prompt_logprobs.items():
+        for req_id, chunk in run.prompt_logprobs.items():
+            start, entries = chunk.start, chunk.entries
             req = self.scheduler.requests.get(req_id)
             if req is None:
                 continue  # aborted while the step ran

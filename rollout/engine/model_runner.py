@@ -6,54 +6,23 @@ alike); the last position of each request is sampled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 from torch import nn
 
-from rollout.attention_backends import get_attention_backend
 from rollout.engine.cuda_graphs import CudaGraphRunner
 from rollout.engine.input_batch import InputBatch
 from rollout.engine.request import TokenLogprobs
 from rollout.engine.sampler import LOGPROBS_MODE_IDS, Sampler, SamplingMetadata, gather_logprobs
 from rollout.engine.scheduler import SchedulerOutput
 from rollout.engine.staging import Staging
-from rollout.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from rollout.engine.step_data import (
+    HostInputs, ModelRunnerOutput, PromptLogprobsChunk, SampledCopies, StepHandle, StepInputs,
+)
+from rollout.models.backends import AttentionMetadata, BackendLimits, create_attention_backend, get_ops
+from rollout.models.forward_context import ForwardContext, set_forward_context
 from rollout.memory.arena import Arena
-from rollout.ops import get_ops
 from rollout.config import EngineConfig
 from rollout.platforms import Platform
-
-
-@dataclass
-class ModelRunnerOutput:
-    req_ids: list[str]
-    sampled_token_ids: list[int]
-    # Per request (same order), when that request asked for logprobs.
-    logprobs: list[TokenLogprobs | None]
-    # req_id -> (first prompt position covered, entries): prompt logprobs of this step's chunk.
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
-    # Requests whose kept sample has a NaN/inf logprob: their logits were not finite.
-    nonfinite_req_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StepHandle:
-    """A launched step: what ``ModelRunner.finish`` needs to read it back."""
-
-    req_ids: list[str]
-    # Host copies (in flight until ``done``) of: sampled ids, their logprobs, ranks, top-k
-    # ids and logprobs (the last three None unless a row asked for logprobs).
-    host: list[torch.Tensor | None]
-    done: Any  # Platform.record_step_done marker
-    want_logprobs: bool
-    num_logprobs: list[int | None]  # per row, its request's SamplingParams.logprobs
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]]
-    done_idx: torch.Tensor  # [num_done] rows of this step that keep their sample
-    done_rows: torch.Tensor  # [num_done] their req_idx
-    done_pos: torch.Tensor  # [num_done] the position their token takes
-    done_gens: torch.Tensor  # [num_done] InputBatch.row_gen_cpu at launch
 
 
 class ModelRunner:
@@ -71,7 +40,10 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_req = -(-(max_model_len + 1) // self.block_size)
         self.batch = InputBatch(max_num_seqs, max_model_len, self.max_blocks_per_req)
-        self.backend = get_attention_backend(platform.attention_backend())
+        self.backend = create_attention_backend(
+            platform.attention_backend(),
+            BackendLimits(model.num_kv_heads, max_num_batched_tokens, max_num_seqs, device),
+        )
         self.ops = get_ops(platform.ops_backend())
         self.sampler = Sampler(self.ops.sample_tokens, self.ops.rank_tokens)
         # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)), or
@@ -81,12 +53,6 @@ class ModelRunner:
         self.kv_arena: Arena | None = None
         self.graphs: CudaGraphRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
-        # Split-KV attention counts each (query tile, KV head)'s splits in here so the last
-        # one merges them in the same launch. Sized for the largest grid: a step has at most
-        # max(batched tokens, reqs) tokens and num_q_tiles <= num_tokens + num_reqs. Allocated
-        # once and never replaced: CUDA graphs capture its address; launches leave it zero.
-        max_q_tiles = max(max_num_batched_tokens, max_num_seqs) + max_num_seqs
-        self.split_counters = torch.zeros(max_q_tiles * model.num_kv_heads, dtype=torch.int32, device=device)
         self.staging = Staging(self._max_step_bytes(max_num_batched_tokens), device, platform.pin_host_memory)
         # The last launched step's sampled ids [num_reqs] on the device: inputs of the next.
         self._last_sampled: torch.Tensor | None = None
@@ -157,7 +123,7 @@ class ModelRunner:
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches, self.backend, self.ops, self.device, max_num_seqs=self.batch.max_num_seqs,
             max_blocks_per_req=self.max_blocks_per_req, block_size=self.block_size,
-            scratch_block=self.scratch_block, max_model_len=self.max_model_len, split_counters=self.split_counters,
+            scratch_block=self.scratch_block, max_model_len=self.max_model_len,
         )
         self.graphs.capture()
 
@@ -185,19 +151,19 @@ class ModelRunner:
         row_list = rows.tolist()
         host = self._prepare_inputs(rows, num_sched)
         smd, sampling_host = self._sampling_metadata(row_list, completes)
-        dev = self.staging.send({**host["send"], **sampling_host})
+        dev = self.staging.send({**host.send, **sampling_host})
         inputs = self._device_inputs(host, dev)
         self._fill_sampling_metadata(smd, dev)
-        md = inputs["attn"]
+        md = inputs.attn
         if self._use_graphs(rows, md):
             hidden = None
-            logits = self.graphs.run(inputs["input_ids"], inputs["positions"], md.slot_mapping, md.block_tables, md.seq_lens)
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, md.slot_mapping, md.block_tables, md.seq_lens)
         else:
             with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):
-                hidden = self.model(inputs["input_ids"], inputs["positions"])  # [num_tokens, hidden]
-                logits = self.model.compute_logits(hidden[inputs["logits_indices"]])  # [num_reqs, vocab]
+                hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_reqs, vocab]
         out = self.sampler(logits, smd)
-        prompt_lp: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+        prompt_lp: dict[str, PromptLogprobsChunk] = {}
         self._prompt_logprobs(req_ids, rows, num_sched, inputs, hidden, prompt_lp)
 
         # Host mirrors move on now; the sampled tokens fill their placeholders in finish().
@@ -213,13 +179,13 @@ class ModelRunner:
         want_lp = smd.max_num_logprobs is not None
         # The sampled logprobs always come back (a float a row): NaN or inf anywhere in a row's
         # logits makes its log-normaliser, so its sampled logprob, non-finite.
-        host = [None if t is None else t.to("cpu", non_blocking=True) for t in (
+        copies = SampledCopies(*(None if t is None else t.to("cpu", non_blocking=True) for t in (
             out.sampled_token_ids,
             out.sampled_logprobs, out.sampled_ranks if want_lp else None,
             out.topk_token_ids if want_lp else None, out.topk_logprobs if want_lp else None,
-        )]
+        )))
         return StepHandle(
-            req_ids, host, self.platform.record_step_done(self.device), want_lp,
+            req_ids, copies, self.platform.record_step_done(self.device), want_lp,
             [b.states[r].params.logprobs for r in row_list] if want_lp else [], prompt_lp,
             done_idx, done_rows, done_pos, b.row_gen_cpu[done_rows].clone(),
         )
@@ -228,7 +194,8 @@ class ModelRunner:
         """Wait for a launched step and return its sampled tokens and logprobs (the step's
         one host sync); the tokens also take their place in the host token table."""
         handle.done.synchronize()
-        sampled_t, lp_t, ranks_t, top_ids_t, top_lp_t = handle.host
+        c = handle.sampled
+        sampled_t, lp_t, ranks_t, top_ids_t, top_lp_t = c.token_ids, c.logprobs, c.ranks, c.topk_ids, c.topk_logprobs
         sampled = sampled_t.tolist()
         b = self.batch
         # Rows dropped or handed to another request since the launch take nothing.
@@ -269,7 +236,7 @@ class ModelRunner:
             if cached.new_block_ids:
                 self.batch.append_blocks(self.batch.rows[cached.req_id], cached.new_block_ids)
 
-    def _prepare_inputs(self, rows: torch.Tensor, num_sched: torch.Tensor) -> dict:
+    def _prepare_inputs(self, rows: torch.Tensor, num_sched: torch.Tensor) -> HostInputs:
         """The step's inputs on the host: ``send`` holds what goes to the device."""
         b = self.batch
         num_reqs, total = len(rows), int(num_sched.sum())
@@ -299,26 +266,22 @@ class ModelRunner:
         any_from_last = bool(from_last.any())
         if any_from_last:
             send["from_last"] = torch.where(from_last, src, -1)  # [total] int64
-        return {
-            "send": send, "any_from_last": any_from_last, "positions_cpu": positions, "cu_cpu": cu,
-            "seq_lens_cpu": seq_lens, "max_query_len": int(num_sched.max()), "max_seq_len": int(seq_lens.max()),
-        }
+        return HostInputs(
+            send, any_from_last, positions, cu, seq_lens, int(num_sched.max()), int(seq_lens.max()),
+        )
 
-    def _device_inputs(self, host: dict, dev: dict[str, torch.Tensor]) -> dict:
+    def _device_inputs(self, host: HostInputs, dev: dict[str, torch.Tensor]) -> StepInputs:
         input_ids = dev["input_ids"]
-        if host["any_from_last"]:
+        if host.any_from_last:
             src = dev["from_last"]
             input_ids = torch.where(src >= 0, self._last_sampled[src.clamp(min=0)], input_ids)
         attn = AttentionMetadata(
             slot_mapping=dev["slot_mapping"], block_tables=dev["block_tables"],
             query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
-            query_start_loc_cpu=host["cu_cpu"], seq_lens_cpu=host["seq_lens_cpu"],
-            max_query_len=host["max_query_len"], max_seq_len=host["max_seq_len"], split_counters=self.split_counters,
+            query_start_loc_cpu=host.cu_cpu, seq_lens_cpu=host.seq_lens_cpu,
+            max_query_len=host.max_query_len, max_seq_len=host.max_seq_len,
         )
-        return {
-            "input_ids": input_ids, "positions": dev["positions"], "positions_cpu": host["positions_cpu"],
-            "cu_cpu": host["cu_cpu"], "logits_indices": dev["logits_indices"], "attn": attn,
-        }
+        return StepInputs(input_ids, dev["positions"], dev["logits_indices"], attn, host.positions_cpu, host.cu_cpu)
 
     def _sampling_metadata(self, rows: list[int], completes: list[bool]) -> tuple[SamplingMetadata, dict]:
         """The step's SamplingMetadata, its per-row tensors still on the host (returned
@@ -364,11 +327,14 @@ class ModelRunner:
         for name in ("top_k", "top_p", "min_p", "logprobs_mode"):
             setattr(md, name, dev.get(name))
 
-    def _prompt_logprobs(self, req_ids, rows, num_sched, inputs, hidden, out: dict) -> None:
+    def _prompt_logprobs(
+        self, req_ids: list[str], rows: torch.Tensor, num_sched: torch.Tensor, inputs: StepInputs,
+        hidden: torch.Tensor | None, out: dict[str, PromptLogprobsChunk],
+    ) -> None:
         """Logprobs of the prompt tokens this step's chunk predicts (prompt_logprobs, and
         LLM.score's teacher forcing): only positions from ``spec.start - 1`` on."""
         b = self.batch
-        cu, positions = inputs["cu_cpu"], inputs["positions_cpu"]
+        cu, positions = inputs.cu_cpu, inputs.positions_cpu
         for i, r in enumerate(rows.tolist()):
             st = b.states[r]
             spec = st.prompt_logprobs
@@ -394,4 +360,4 @@ class ModelRunner:
                 )
                 for j, (v, rk) in enumerate(zip(tok_lp.tolist(), ranks.tolist()))
             ]
-            out[req_ids[i]] = (int(pos[keep][0]), entries)
+            out[req_ids[i]] = PromptLogprobsChunk(int(pos[keep][0]), entries)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
@@ -73,6 +74,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         tp_group: Any = None,
         debug_tp_agreement: bool = False,
+        enable_chunked_prefill: bool = True,
     ) -> None:
         t0 = time.perf_counter()
         self.platform = get_platform(device)
@@ -85,7 +87,7 @@ class LLM:
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager, load_format=load_format, tensor_parallel_size=tensor_parallel_size,
-            tp_group=tp_group, debug_tp_agreement=debug_tp_agreement,
+            tp_group=tp_group, debug_tp_agreement=debug_tp_agreement, enable_chunked_prefill=enable_chunked_prefill,
         )
         self.tokenizer = source.load_tokenizer(tokenizer)
         #: The engine's body (model, runner, memory, scheduler, step loop): see ``Worker``.
@@ -165,7 +167,7 @@ class LLM:
         self,
         prompts: Any,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Generate completions for a batch of prompts; blocks until all have finished.
 
@@ -176,6 +178,9 @@ class LLM:
         prompt, in prompt order (final outputs, whatever ``output_kind`` says). A sample whose
         logits turn NaN/inf ends with finish_reason "error" while the others run on; once all
         have finished, ``NonFiniteError`` is raised with every output in ``.outputs``.
+        ``use_tqdm``: a progress bar over prompts; None (default) shows one when stderr is
+        a terminal and no ``torch.distributed`` world is up (an interactive session, not a
+        trainer's rank).
         """
         batch = self._frontend.prepare_batch("generate", prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(batch)
@@ -420,6 +425,14 @@ def _check_flag(name: str, value: Any) -> None:
         raise InvalidRequestError(name, value, "a bool")
 
 
+def _interactive() -> bool:
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+    return tty and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
 def _raise_if_nonfinite(outputs: list[RequestOutput]) -> None:
     bad = [o for o in outputs if o.error is not None]
     if bad:
@@ -448,7 +461,9 @@ def _named_tensor_pairs(named_tensors: Any) -> list[tuple[str, Any]]:
     return [(name, t) for name, t in items]
 
 
-def _progress_bar(enabled: bool, total: int):
+def _progress_bar(enabled: bool | None, total: int):
+    if enabled is None:
+        enabled = _interactive()
     if not enabled:
         return None
     from tqdm.auto import tqdm

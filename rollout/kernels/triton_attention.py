@@ -479,8 +479,8 @@ def write_kv(
     slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> None:
     """Scatter this step's K/V into their slots, cast to the cache dtype, like
-    ``write_kv_ref``; unlike it, a NEGATIVE slot is skipped: CUDA-graph padding tokens
-    carry slot -1 and must not write anywhere."""
+    ``write_kv_ref``; unlike it, a NEGATIVE slot is skipped (a token whose K/V must not be
+    kept; the engine's own CUDA-graph padding rows write to the scratch block instead)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return

@@ -9,6 +9,7 @@ captured CUDA graphs stay valid; plain storage resizing does not).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -39,9 +40,10 @@ class Arena(ABC):
         (``synchronize()``), so the arena need not wait for the device itself."""
 
     def synchronize(self) -> None:
-        """Wait until the device's queued work is done (no-op off GPU)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """Wait until the device's queued work is done (the platform says how)."""
+        self._synchronize()
+
+    _synchronize: Callable[[], None] = staticmethod(lambda: None)
 
     @abstractmethod
     def restore(self) -> None: ...
@@ -64,9 +66,11 @@ class StorageArena(Arena):
     """Backed by a torch allocation; release shrinks its storage to zero bytes, restore
     regrows it (a new address: fine on CPU, where nothing captures addresses)."""
 
-    def __init__(self, nbytes: int, device: torch.device) -> None:
+    def __init__(self, nbytes: int, device: torch.device, synchronize: Callable[[], None] | None = None) -> None:
         self.nbytes = nbytes
         self.device = device
+        if synchronize is not None:  # the platform's wait for the device's queued work
+            self._synchronize = synchronize
         self.tensor = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._mapped = True
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from rollout.distributed.parallel_state import ParallelState
 from rollout.errors import UnsupportedModelError
-from rollout.forward_context import current_ops
+from rollout.models.forward_context import current_ops
 from rollout.models.layers.attention import Attention
 from rollout.models.layers.embedding import LMHead, VocabEmbedding
 from rollout.models.layers.linear import ColumnLinear, QKVLinear, RowLinear

@@ -74,7 +74,9 @@ def _load_plugins() -> None:
         _registry[ep.name] = obj
 
 
-def _reset_for_tests() -> None:
+def reload_plugins() -> None:
+    """Forget plugins and runtime registrations: the next lookup rescans the entry points
+    (after a plugin was installed or removed in a running process)."""
     global _plugins_loaded
     _registry.clear()
     _registry.update(_BUILTIN)

@@ -124,8 +124,9 @@ def get_platform(device: str | torch.device | None = None) -> Platform:
                         "in this process (its is_available() returned False)")
 
 
-def _reset_for_tests() -> None:
-    """Forget plugins and runtime registrations so the next lookup rescans entry points."""
+def reload_plugins() -> None:
+    """Forget plugins and runtime registrations: the next lookup rescans the entry points
+    (after a plugin was installed or removed in a running process)."""
     global _plugins_loaded
     _platforms.clear()
     _platforms.update({cls.name: cls for cls in _BUILTINS})

@@ -106,7 +106,7 @@ class Platform(ABC):
         arena re-allocates on restore; platforms with virtual memory keep the address."""
         from rollout.memory.arena import StorageArena
 
-        return StorageArena(nbytes, device)
+        return StorageArena(nbytes, device, lambda: self.synchronize(device))
 
     def release_cached_memory(self, device: torch.device) -> None:
         """Return memory the framework's allocator holds but no tensor uses (after sleep)."""

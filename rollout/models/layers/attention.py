@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rollout.forward_context import get_forward_context
+from rollout.models.forward_context import get_forward_context
 
 
 class Attention(nn.Module):

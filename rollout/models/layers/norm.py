@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rollout.forward_context import current_ops
+from rollout.models.forward_context import current_ops
 from rollout.models.layers.linear import replicated_param
 
 

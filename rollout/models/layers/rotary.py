@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rollout.errors import UnsupportedModelError
-from rollout.forward_context import current_ops
+from rollout.models.forward_context import current_ops
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:

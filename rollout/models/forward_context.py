@@ -1,0 +1,51 @@
+"""The per-step forward context: the one global, set by the model runner, read by attention.
+
+It carries what every attention layer of one forward needs (paged-attention metadata and
+the KV cache views) without threading it through every model's ``forward`` signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from rollout.models.backends import TORCH_OPS, AttentionBackend, AttentionMetadata, Ops
+
+
+@dataclass
+class ForwardContext:
+    attn_metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+    backend: AttentionBackend
+    ops: Ops = TORCH_OPS  # RMSNorm, rotary, SiLU-and-mul implementations
+
+
+_current: ForwardContext | None = None
+
+
+@contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
+    """Install ``ctx`` for one forward. Refuses to nest: a nested forward is a bug."""
+    global _current
+    if _current is not None:
+        raise RuntimeError("forward context is already set: forwards may not nest")
+    _current = ctx
+    try:
+        yield
+    finally:
+        _current = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _current is None:
+        raise RuntimeError("no forward context: attention layers run only inside the model runner")
+    return _current
+
+
+def current_ops() -> Ops:
+    """The op set of the forward in progress; the torch references outside one (tests,
+    layers used on their own)."""
+    return TORCH_OPS if _current is None else _current.ops
