@@ -86,7 +86,7 @@ def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roo
     check_same_on_all_ranks(f"B={batch} prompts", hashlib.sha256(repr(prompts).encode()).hexdigest())
     for rid, prompt in zip(req_ids, prompts):
         llm.add_request(prompt, params, request_id=rid)
-    reqs = [llm.engine.scheduler.requests[rid] for rid in req_ids]  # engine state, read only
+    reqs = [llm.worker.scheduler.requests[rid] for rid in req_ids]  # engine state, read only
     while any(r.num_output_tokens == 0 for r in reqs):
         llm.step()
     for _ in range(WARMUP_STEPS):

@@ -29,10 +29,10 @@ def result(llm, hw: roofline.Hardware, seconds: float, num_tokens: int, prompt_l
            output_lens: list[int], distinct_prompt_lens: list[int]) -> dict[str, Any]:
     """Measured tok/s next to the ideal engine's (same sequences, same KV capacity)."""
     stats = roofline.ModelStats.from_model(llm.model, llm.hf_config)
-    sched = llm.engine.scheduler.config
+    sched = llm.config.scheduler
     ideal = roofline.ideal_generation_time(
         stats, hw, prompt_lens, output_lens, distinct_prompt_lens=distinct_prompt_lens,
-        max_num_seqs=sched.max_num_seqs, kv_capacity_tokens=llm.engine.kv.capacity_tokens,
+        max_num_seqs=sched.max_num_seqs, kv_capacity_tokens=llm.stats().kv_capacity_tokens,
         max_batched_tokens=sched.max_num_batched_tokens,
     )
     return {
@@ -43,6 +43,6 @@ def result(llm, hw: roofline.Hardware, seconds: float, num_tokens: int, prompt_l
         "ceiling_tok_s": ideal["ceiling_tok_s"],
         "roofline_fraction": ideal["total_s"] / seconds,
         "ideal": ideal,
-        "kv_capacity_tokens": llm.engine.kv.capacity_tokens,
+        "kv_capacity_tokens": llm.stats().kv_capacity_tokens,
         "model_stats": stats.to_json(),
     }
