@@ -430,3 +430,20 @@ def test_attention_ignores_unwritten_kv_slots(a_dir, a_out):
     llm = make_llm(a_dir)
     llm.worker.memory.arenas["kv_cache"].tensor.fill_(0xFF)  # NaN in every fp32 slot
     assert greedy(llm) == a_out
+
+
+def test_every_arena_says_how_to_wait_for_the_device():
+    """Release unmaps memory that queued kernels may still use, so each arena must wait for
+    the device in its own way: ``synchronize`` is abstract (a default that waited for nothing
+    let CUDA VMM arenas unmap under running kernels: 'unspecified launch failure' on an H100
+    in rl-cycle, 2026-12-06). The CPU arena waits through the platform's synchronize."""
+    from rollout.memory.arena import Arena, StorageArena
+    from rollout.memory.cuda_vmm import CudaVMMArena
+
+    assert "synchronize" in Arena.__abstractmethods__
+    assert "synchronize" in vars(CudaVMMArena) and "synchronize" in vars(StorageArena)
+    waited = []
+    arena = StorageArena(64, torch.device("cpu"), synchronize=lambda: waited.append(1))
+    arena.release()
+    arena.synchronize()
+    assert waited and not arena.is_mapped

@@ -39,11 +39,10 @@ class Arena(ABC):
         """``synchronized=True``: the caller made sure no queued work still uses the memory
         (``synchronize()``), so the arena need not wait for the device itself."""
 
+    @abstractmethod
     def synchronize(self) -> None:
-        """Wait until the device's queued work is done (the platform says how)."""
-        self._synchronize()
-
-    _synchronize: Callable[[], None] = staticmethod(lambda: None)
+        """Wait until the device's queued work is done: release and the host copy of a
+        sleep rely on it."""
 
     @abstractmethod
     def restore(self) -> None: ...
@@ -69,14 +68,17 @@ class StorageArena(Arena):
     def __init__(self, nbytes: int, device: torch.device, synchronize: Callable[[], None] | None = None) -> None:
         self.nbytes = nbytes
         self.device = device
-        if synchronize is not None:  # the platform's wait for the device's queued work
-            self._synchronize = synchronize
+        # The platform's wait for the device's queued work (none off an accelerator).
+        self._synchronize = synchronize or (lambda: None)
         self.tensor = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._mapped = True
 
     @property
     def is_mapped(self) -> bool:
         return self._mapped
+
+    def synchronize(self) -> None:
+        self._synchronize()
 
     def release(self, *, synchronized: bool = False) -> None:
         # The caching allocator orders the storage's reuse after the work queued on it.

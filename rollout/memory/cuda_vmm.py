@@ -54,6 +54,12 @@ class _CudaBuffer:
 class CudaVMMArena(Arena):
     keeps_address = True
 
+    def synchronize(self) -> None:
+        """Every kernel and copy queued on the device is done: only then may physical
+        memory be unmapped under the views (an unmap under a running kernel is an
+        'unspecified launch failure')."""
+        torch.cuda.synchronize(self.device)
+
     def __init__(self, nbytes: int, device: torch.device) -> None:
         drv = _driver()
         self.device = device
