@@ -70,9 +70,12 @@ class GRPOWorker(RLWorker):
         return {"loss": float(loss_sum), **meter.metrics()}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return add_output_args(add_worker_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])))
+
+
 def main() -> None:
-    parser = add_output_args(add_worker_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])))
-    run_torchrun(GRPOWorker, parser.parse_args(), "grpo")
+    run_torchrun(GRPOWorker, build_parser().parse_args(), "grpo")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from trainers_integration.ray import WorkerGroup, WorkerGroupConfig
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository: the workers import examples.* from it
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = add_output_args(add_worker_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])))
     p.add_argument("--num-workers", type=int, default=2, help="ranks (data-parallel replicas)")
     p.add_argument("--gpu", action="store_true", help="one GPU per rank and NCCL (default: CPU slots and gloo)")
@@ -36,7 +36,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--address", type=str, default=None, help="a running cluster (ray.init(address=...), e.g. auto); default: start a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster this starts (default: Ray's count)")
     p.add_argument("--call-timeout", type=float, default=1800.0, help="seconds one step may take before the run fails")
-    args = p.parse_args()
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.device is None:  # the workers use what they were placed on
         args.device = "cuda" if args.gpu else "cpu"
     return args

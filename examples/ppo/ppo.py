@@ -132,9 +132,12 @@ class PPOWorker(RLWorker):
         return {k: v / num_updates for k, v in sums.items()}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return add_output_args(add_ppo_args(add_worker_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))))
+
+
 def main() -> None:
-    parser = add_output_args(add_ppo_args(add_worker_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))))
-    run_torchrun(PPOWorker, parser.parse_args(), "ppo")
+    run_torchrun(PPOWorker, build_parser().parse_args(), "ppo")
 
 
 if __name__ == "__main__":
