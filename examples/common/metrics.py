@@ -34,6 +34,7 @@ def add_output_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--metrics-file", type=str, default=None,
                    help="every step's metrics as one JSON line (default: OUTPUT_DIR/metrics.jsonl; 'none': no file)")
     p.add_argument("--csv", type=str, default=None, help="also write every step's numbers here as CSV (step,reward,loss,...)")
+    p.add_argument("--verbose", action="store_true", help="show transformers' model-loading warnings and progress bars")
     return p
 
 

@@ -97,7 +97,7 @@ class RLWorker:
         self.device = pick_device(args.device)
         torch.manual_seed(args.seed)  # the trainer's own process: fine in an example
 
-        self.tok, self.model = load_smollm2(self.device)
+        self.tok, self.model = load_smollm2(self.device, verbose=getattr(args, "verbose", False))
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if args.kl_coef > 0 else None
         self.probe_name, self.probe = next((n, p) for n, p in self.model.named_parameters() if "layers.0.self_attn.q_proj" in n)
         self.probe0 = self.probe.detach().clone()
