@@ -269,7 +269,7 @@ def _combine_splits_kernel(
 class Tiling:
     """Launch shape of the attention kernel: ``block_m`` rows (query tokens x heads of a
     group) per program, ``block_n`` keys per KV tile, warps and pipeline stages. ``None``
-    fields take the defaults of ``default_tiling``; benchmarks/tune_attention.py sweeps them."""
+    fields take the defaults of ``default_tiling``; rollout/bench/tune_attention.py sweeps them."""
 
     block_m: int | None = None
     block_n: int | None = None
@@ -287,7 +287,7 @@ def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int, block_n
     pairs with work. Split only below ``_SPLIT_BELOW_PER_SM`` programs per SM, into about
     ``_PROGRAMS_PER_SM`` programs per SM (rounded down), each split keeping at least
     ``_MIN_TILES_PER_SPLIT`` KV tiles of the longest sequence. Measured on an H100
-    (benchmarks/tune_attention.py, decode steps in CUDA graphs): 128 programs over 2048
+    (rollout/bench/tune_attention.py, decode steps in CUDA graphs): 128 programs over 2048
     keys read the KV at ~0.53 of the copy bandwidth unsplit and ~0.81 in 4 splits, while
     512 programs lose 3-4% to any split."""
     if num_programs >= _SPLIT_BELOW_PER_SM * num_sms:
