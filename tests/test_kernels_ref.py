@@ -1,7 +1,7 @@
 """Every torch reference kernel against an independent computation (CPU, no model).
 
-Paged attention is checked against dense causal attention over K/V histories kept
-contiguous on the side; RMSNorm and rotary against HF Llama; SiLU-and-mul against a
+Paged attention (the reference and the SDPA path) is checked against dense causal
+attention over K/V histories kept contiguous on the side; RMSNorm and rotary against HF Llama; SiLU-and-mul against a
 float64 formula."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from rollout.kernels.activation import silu_and_mul_ref
-from rollout.kernels.attention import paged_attention_ref, write_kv_ref
+from rollout.kernels.attention import paged_attention_ref, paged_attention_sdpa, write_kv_ref
 from rollout.kernels.layernorm import rms_norm_ref
 from rollout.kernels.rotary import rotary_ref
 from rollout.models.layers.rotary import RotaryEmbedding, rope_parameters
@@ -63,13 +63,15 @@ def _dense_attention(q, k, v, scale):
     return out[0].transpose(0, 1)  # [q_len, H, D]
 
 
-def _build_step(block_size, num_heads, dtype, seed):
+def _build_step(block_size, num_heads, dtype, seed, specs=None, shuffle=True):
     """A cache holding each request's context (written slot by slot, not via write_kv_ref),
-    plus this step's new K/V, queries and metadata. Unallocated slots hold NaN."""
+    plus this step's new K/V, queries and metadata. Unallocated slots hold NaN.
+    ``specs``: (context, q_len) per request (default: the mixed step), shuffled unless not."""
     gen = _gen(seed)
-    specs = _step_specs(block_size)
-    order = torch.randperm(len(specs), generator=gen).tolist()
-    specs = [specs[i] for i in order]
+    specs = specs or _step_specs(block_size)
+    if shuffle:
+        order = torch.randperm(len(specs), generator=gen).tolist()
+        specs = [specs[i] for i in order]
 
     kv_cache = torch.full((2, NUM_BLOCKS, block_size, NUM_KV_HEADS, HEAD_DIM), float("nan"), dtype=dtype)
     free_blocks = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
@@ -113,7 +115,8 @@ def _build_step(block_size, num_heads, dtype, seed):
     [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)],
     ids=["fp32", "bf16"],
 )
-def test_paged_attention_matches_dense_mixed_step(block_size, num_heads, dtype, atol, rtol):
+@pytest.mark.parametrize("attention", [paged_attention_ref, paged_attention_sdpa], ids=["ref", "sdpa"])
+def test_paged_attention_matches_dense_mixed_step(block_size, num_heads, dtype, atol, rtol, attention):
     step = _build_step(block_size, num_heads, dtype, seed=block_size * 100 + num_heads)
     kv_cache = step["kv_cache"]
     write_kv_ref(step["new_k"], step["new_v"], kv_cache, step["slot_mapping"])
@@ -126,20 +129,50 @@ def test_paged_attention_matches_dense_mixed_step(block_size, num_heads, dtype, 
         r["seq_len"] for r in reqs if r["seq_len"] - r["num_context"] == 1
     }
 
-    scale = HEAD_DIM**-0.5
-    out = paged_attention_ref(
-        step["query"], kv_cache, step["block_tables"], step["query_start_loc_cpu"], step["seq_lens_cpu"], scale
-    )
-    assert out.shape == step["query"].shape and out.dtype == dtype
-    assert torch.isfinite(out).all()
+    _check_against_dense(step, attention(
+        step["query"], kv_cache, step["block_tables"], step["query_start_loc_cpu"], step["seq_lens_cpu"],
+        HEAD_DIM**-0.5,
+    ), atol, rtol)
 
+
+def _check_against_dense(step, out, atol, rtol):
+    assert out.shape == step["query"].shape and out.dtype == step["query"].dtype
+    assert torch.isfinite(out).all()
     starts = step["query_start_loc_cpu"].tolist()
-    for i, r in enumerate(reqs):
-        expected = _dense_attention(r["q"], r["k"], r["v"], scale)
+    for i, r in enumerate(step["reqs"]):
+        expected = _dense_attention(r["q"], r["k"], r["v"], HEAD_DIM**-0.5)
         torch.testing.assert_close(
             out[starts[i] : starts[i + 1]].double(), expected, atol=atol, rtol=rtol,
             msg=lambda m: f"request {i} (context {r['num_context']}, seq_len {r['seq_len']}): {m}",
         )
+
+
+# (context, q_len) per request of steps whose requests the SDPA path batches together.
+SDPA_BATCH_STEPS = {
+    # Decodes of one length (no mask) and of many (masked, each past-the-end position
+    # re-reading the request's last slot; unwritten slots are NaN).
+    "decodes_one_length": [(37, 1)] * 5,
+    "decodes_many_lengths": [(c, 1) for c in (0, 3, 15, 16, 17, 40, 63)],
+    # Fresh prompts of one length (one causal call), consecutive or not, beside other shapes.
+    "prompts_one_length": [(0, 20)] * 4,
+    "prompts_interleaved": [(0, 20), (9, 1), (0, 20), (16, 5), (0, 20), (16, 5), (0, 7), (30, 1)],
+    # Chunks after a prefix hit, of one shape (one masked call).
+    "chunks_one_shape": [(32, 6)] * 3 + [(5, 1)],
+}
+
+
+@pytest.mark.parametrize("case", list(SDPA_BATCH_STEPS))
+@pytest.mark.parametrize("num_heads", [2, 8], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)],
+                         ids=["fp32", "bf16"])
+def test_paged_attention_sdpa_batched_shapes(case, num_heads, dtype, atol, rtol):
+    step = _build_step(16, num_heads, dtype, seed=len(case) + num_heads, specs=SDPA_BATCH_STEPS[case], shuffle=False)
+    write_kv_ref(step["new_k"], step["new_v"], step["kv_cache"], step["slot_mapping"])
+    args = (step["query"], step["kv_cache"], step["block_tables"], step["query_start_loc_cpu"], step["seq_lens_cpu"])
+    out = paged_attention_sdpa(*args, HEAD_DIM**-0.5)
+    _check_against_dense(step, out, atol, rtol)
+    if dtype == torch.float32:  # the same maths as the reference, one request at a time
+        torch.testing.assert_close(out, paged_attention_ref(*args, HEAD_DIM**-0.5), atol=1e-6, rtol=1e-6)
 
 
 def test_paged_attention_single_token_sees_only_itself():
