@@ -321,6 +321,25 @@ def test_rotary_matches_hf_llama(case, dtype, tol):
     torch.testing.assert_close(k_out, k_hf[0].transpose(0, 1), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_of_one_fused_projection_matches_separate_tensors(dtype):
+    """q and k split from one qkv row (as the layers pass them) are rotated in one pass:
+    bit for bit what rotating them as separate tensors gives, and the qkv buffer untouched."""
+    num_heads, num_kv_heads, head_dim = 6, 2, 16
+    rope = RotaryEmbedding(head_dim, MAX_POSITIONS, rope_parameters(_llama_config("llama3", 4, 2, head_dim)))
+    gen = _gen(6)
+    positions = torch.randint(0, MAX_POSITIONS, (9,), generator=gen)
+    qkv = _randn(gen, 9, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+    before = qkv.clone()
+    q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k = q.view(9, num_heads, head_dim), k.view(9, num_kv_heads, head_dim)
+    q_out, k_out = rotary_ref(positions, q, k, rope.cos_sin_cache)
+    q_sep, k_sep = rotary_ref(positions, q.contiguous(), k.contiguous(), rope.cos_sin_cache)
+    assert q_out.shape == q.shape and k_out.shape == k.shape and q_out.dtype == k_out.dtype == dtype
+    assert torch.equal(q_out, q_sep) and torch.equal(k_out, k_sep)
+    assert torch.equal(qkv, before)
+
+
 @pytest.mark.parametrize("case", list(ROPE_CASES))
 def test_rotary_cache_matches_hf_cos_sin(case):
     head_dim = 32

@@ -22,13 +22,35 @@ def rotary_ref(
     if k_norm_weight is not None:
         key = rms_norm_ref(key, k_norm_weight, eps)
     half = cos_sin_cache.shape[-1] // 2
-    cos_sin = cos_sin_cache.index_select(0, positions)
-    cos = cos_sin[:, :half].repeat(1, 2)[:, None, :]  # [num_tokens, 1, head_dim]
-    sin = cos_sin[:, half:].repeat(1, 2)[:, None, :]
+    num_tokens = positions.shape[0]
+    # [num_tokens, 2, head_dim]: (cos | cos) and (sin | sin), HF's layout, in one copy.
+    cos_sin = cos_sin_cache.index_select(0, positions).view(num_tokens, 2, 1, half)
+    cos_sin = cos_sin.expand(num_tokens, 2, 2, half).reshape(num_tokens, 2, 2 * half)
+    cos, sin = cos_sin[:, :1], cos_sin[:, 1:]  # [num_tokens, 1, head_dim] each
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         c, s = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x[..., :half], x[..., half:]
         return x * c + torch.cat((-x2, x1), dim=-1) * s
 
-    return rotate(query), rotate(key)
+    qk = _adjacent_heads(query, key)
+    if qk is None:
+        return rotate(query), rotate(key)
+    # q and k are the two halves of one fused projection: rotate them in one pass.
+    out = rotate(qk)
+    return out[:, : query.shape[1]], out[:, query.shape[1] :]
+
+
+def _adjacent_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """``[num_tokens, num_heads + num_kv_heads, head_dim]`` viewing both when ``key``'s heads
+    directly follow ``query``'s in memory (both split from one qkv row), else None."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    if (
+        query.dtype != key.dtype or query.shape[0] != key.shape[0] or key.shape[2] != head_dim
+        or query.stride() != key.stride() or query.stride()[1:] != (head_dim, 1)
+        or query.untyped_storage().data_ptr() != key.untyped_storage().data_ptr()
+        or key.storage_offset() != query.storage_offset() + num_heads * head_dim
+    ):
+        return None
+    shape = (query.shape[0], num_heads + key.shape[1], head_dim)
+    return query.as_strided(shape, query.stride(), query.storage_offset())
