@@ -26,7 +26,7 @@ from rollout.engine.scheduler import Scheduler
 from rollout.errors import CheckpointError, EngineSleepingError, InvalidRequestError, WeightUpdateError
 from rollout.memory.manager import MemoryManager, move_params_into_arena
 from rollout.models.loader import build_model, init_dummy_weights, read_checkpoint
-from rollout.models.updater import WeightUpdater
+from rollout.models.updater import WeightUpdater, listed_problems
 from rollout.models.weights import tensor_problem
 from rollout.outputs import EngineStats
 from rollout.platforms import Platform
@@ -34,7 +34,6 @@ from rollout.platforms import Platform
 logger = logging.getLogger(__name__)
 
 MEMORY_TAGS = ("weights", "kv_cache")
-_MAX_LISTED = 10
 
 
 class Worker:
@@ -124,8 +123,7 @@ class Worker:
         self.check_version(version, allow_version_decrease)
         problems = [p for name, t in items if (p := tensor_problem(name, t)) is not None]
         if problems:
-            more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-            raise WeightUpdateError("; ".join(problems[:_MAX_LISTED]) + more)
+            raise WeightUpdateError(listed_problems(problems))
         shapes = [(name, t.shape, t.dtype) for name, t in items]
         n = self.updater.apply(
             shapes, lambda: (t for _, t in items), require_all=False, error_cls=WeightUpdateError,

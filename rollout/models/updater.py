@@ -57,7 +57,7 @@ class WeightUpdater:
         ``error_cls`` listing the problems. Returns the number of tensors copied."""
         targets, problems = plan_load(self.weight_map, shapes, require_all=require_all)
         if problems:
-            raise error_cls(_listed(problems))
+            raise error_cls(listed_problems(problems))
         wanted = {t.hf_name for t in targets}
 
         def selected() -> Iterable[tuple[str, torch.Tensor]]:
@@ -66,13 +66,14 @@ class WeightUpdater:
         if check_finite:
             bad = nonfinite_names(selected())
             if bad:
-                raise error_cls(_listed([f"tensor {n!r} holds NaN or inf" for n in bad]) +
+                raise error_cls(listed_problems([f"tensor {n!r} holds NaN or inf" for n in bad]) +
                                 " (nothing was copied; check_finite=False skips this check)")
         copy_weights(targets, (t for _, t in selected()))
         self._missing.difference_update((id(t.param), t.shard_id) for t in targets)
         return len(targets)
 
 
-def _listed(problems: list[str]) -> str:
+def listed_problems(problems: list[str]) -> str:
+    """The first problems joined for an error message, and how many more there were."""
     more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
     return "; ".join(problems[:_MAX_LISTED]) + more
