@@ -119,7 +119,7 @@ class Worker:
         self, items: list[tuple[str, Any]], version: int | None, *, check_finite: bool, allow_version_decrease: bool,
     ) -> int:
         """The transaction behind ``LLM.update_weights``: every check, then every copy."""
-        self._require_weights_awake("update_weights")
+        self.require_awake("update_weights", ("weights",))
         self.check_version(version, allow_version_decrease)
         problems = [p for name, t in items if (p := tensor_problem(name, t)) is not None]
         if problems:
@@ -135,7 +135,7 @@ class Worker:
     def load_weights(
         self, path: str | os.PathLike, version: int | None, *, check_finite: bool, allow_version_decrease: bool,
     ) -> int:
-        self._require_weights_awake("load_weights")
+        self.require_awake("load_weights", ("weights",))
         self.check_version(version, allow_version_decrease)
         shapes, open_tensors = read_checkpoint(path)
         n = self.updater.apply(
@@ -166,10 +166,6 @@ class Worker:
         # alike: the latter keep their tokens and recompute it under the new weights.
         self.engine.drop_kv_cache()
         self.engine.weight_version = self.engine.weight_version + 1 if version is None else version
-
-    def _require_weights_awake(self, what: str) -> None:
-        if "weights" in self.memory.asleep_tags():
-            raise EngineSleepingError(f"{what} needs ['weights'] awake: call wake_up(['weights']) first")
 
     # ---- memory -----------------------------------------------------------------------
     def sleep(self, level: int) -> int:
