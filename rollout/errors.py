@@ -93,5 +93,11 @@ class ParallelMismatchError(RolloutError, RuntimeError):
     different prompts, or sampled different tokens at a step. Raised on every rank."""
 
 
+class UnsupportedFeatureError(RolloutError, NotImplementedError):
+    """A vLLM feature rollout does not implement yet (LoRA adapters, structured outputs, a
+    ``collective_rpc`` method, an engine option value). A ``NotImplementedError``, which is
+    what vLLM's callers catch for a backend that lacks a method."""
+
+
 class PlatformError(RolloutError, RuntimeError):
     """No platform matches the requested device, or a platform plugin failed to load."""

@@ -6,7 +6,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from rollout.errors import InvalidRequestError
+from rollout.errors import InvalidRequestError, UnsupportedFeatureError
 
 # Temperatures below this are greedy (argmax, untempered logprobs); the sampler uses it too.
 GREEDY_EPS = 1e-5
@@ -17,6 +17,26 @@ MAX_LOGPROBS = 20
 MAX_N = 4096
 # Which distribution ``logprobs`` are reported under (see SamplingParams).
 LOGPROBS_MODES = ("processed", "scaled", "raw")
+# vLLM's presence/frequency penalty bounds (OpenAI's API).
+MAX_ABS_PENALTY = 2.0
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's structured-output constraints (``json``, ``regex``, ``choice``, ``grammar``).
+    Importable so that code building them runs; a ``SamplingParams`` that carries one is
+    refused with ``UnsupportedFeatureError``: rollout does not constrain decoding yet."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -59,6 +79,17 @@ class SamplingParams:
 
     ``output_kind`` (a ``RequestOutputKind`` or its name) says what the request-level API
     streams: cumulative snapshots (default), deltas, or the final output only.
+
+    Penalties, as in vLLM, act on the logits before temperature: ``repetition_penalty``
+    (> 0, 1 = off) divides positive and multiplies negative logits of every token seen in the
+    prompt or the output so far; ``presence_penalty`` (in [-2, 2]) is subtracted once from
+    the logit of every token generated so far, ``frequency_penalty`` (in [-2, 2]) once per
+    time it was generated. They change the distribution sampled from, so they count in the
+    "processed" logprobs (not in "scaled" or "raw").
+
+    ``logprobs_mode=None`` (the default) takes the engine's: ``LLM(logprobs_mode=...)``,
+    "processed" unless set there. ``structured_outputs`` is accepted as a name only:
+    anything but None raises ``UnsupportedFeatureError``.
     """
 
     n: int = 1
@@ -77,8 +108,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     include_stop_str_in_output: bool = False
-    logprobs_mode: str = "processed"
+    logprobs_mode: str | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.output_kind, str) and self.output_kind.upper() in RequestOutputKind.__members__:
@@ -135,14 +170,28 @@ class SamplingParams:
                 raise bad(name, "a bool")
         if self.stop and not self.detokenize:
             raise bad("stop", "empty when detokenize=False (stop strings need text)")
-        if self.logprobs_mode not in LOGPROBS_MODES:
-            raise bad("logprobs_mode", f"one of {LOGPROBS_MODES}")
+        if self.logprobs_mode is not None and self.logprobs_mode not in LOGPROBS_MODES:
+            raise bad("logprobs_mode", f"None (the engine's) or one of {LOGPROBS_MODES}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "a finite float > 0 (1.0: off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_real(getattr(self, name)) or abs(getattr(self, name)) > MAX_ABS_PENALTY:
+                raise bad(name, f"a float in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}] (0.0: off)")
+        if self.structured_outputs is not None:
+            raise UnsupportedFeatureError(
+                f"SamplingParams.structured_outputs={self.structured_outputs!r}: rollout does not constrain "
+                "decoding yet (structured outputs are not supported); leave it None"
+            )
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", f"a RequestOutputKind or one of {tuple(k.name.lower() for k in RequestOutputKind)}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def for_sample(self, index: int) -> SamplingParams:
         """The params of the ``index``-th of ``n`` samples: n=1 and, if seeded, seed + index."""

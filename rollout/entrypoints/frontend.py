@@ -102,7 +102,7 @@ class RequestFrontend:
         if len(items) != 1:
             raise InvalidRequestError("prompt", prompt, "one prompt (a str, token ids or a dict); use generate for batches")
         (params,) = expand_params(sampling_params, 1)
-        self.input_processor.check_params(params)
+        params = self.input_processor.resolve(params)
         if output_kind is not None and params.output_kind != output_kind:
             params = dataclasses.replace(params, output_kind=output_kind)
         processed = self.input_processor.process(items[0])
@@ -118,8 +118,10 @@ class RequestFrontend:
         final: dict[int, SamplingParams] = {}
         for sp in params:
             if id(sp) not in final:
-                self.input_processor.check_params(sp)
-                final[id(sp)] = sp if sp.output_kind == FINAL_ONLY else dataclasses.replace(sp, output_kind=FINAL_ONLY)
+                resolved = self.input_processor.resolve(sp)
+                final[id(sp)] = (
+                    resolved if resolved.output_kind == FINAL_ONLY else dataclasses.replace(resolved, output_kind=FINAL_ONLY)
+                )
         processed = [self.input_processor.process(p, i) for i, p in enumerate(items)]
         if request_ids is None:
             ids = [None] * len(items)
@@ -136,7 +138,9 @@ class RequestFrontend:
         after every prompt)."""
         self.require_runnable("score")
         checked = self.input_processor.process_score(sequences, prompt_lens, temperature)
-        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False, output_kind=FINAL_ONLY)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False, output_kind=FINAL_ONLY, logprobs_mode="raw"
+        )
         return [
             Submission(ProcessedPrompt(None, ids), params, None, PromptLogprobsSpec(start=start, temperature=temperature))
             for ids, start in checked

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,8 +46,13 @@ def split_prompts(prompts: Any) -> list[Any]:
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Any | None, vocab_size: int, max_model_len: int, max_prompt_tokens: int) -> None:
+    def __init__(
+        self, tokenizer: Any | None, vocab_size: int, max_model_len: int, max_prompt_tokens: int,
+        logprobs_mode: str = "processed",
+    ) -> None:
         self.tokenizer = tokenizer
+        # What a SamplingParams with logprobs_mode=None reports (LLM(logprobs_mode=...)).
+        self.logprobs_mode = logprobs_mode
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         # The KV cache must hold a whole prompt (plus the first sampled token's slot).
@@ -123,6 +130,14 @@ class InputProcessor:
             raise InvalidRequestError(
                 field, bad[:5], f"token ids in [0, {self.vocab_size})", f"{len(bad)} out-of-range id(s)"
             )
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """``params`` checked against this model (``check_params``) with the engine's
+        defaults filled in: the same object when nothing was left to the engine."""
+        self.check_params(params)
+        if params.logprobs_mode is None:
+            params = dataclasses.replace(params, logprobs_mode=self.logprobs_mode)
+        return params
 
     def check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: token ids must exist in this model, and
