@@ -9,7 +9,7 @@ lives here, once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 # A config that records no max_position_embeddings.
 DEFAULT_MAX_MODEL_LEN = 2048
-LOAD_FORMATS = ("auto", "dummy")
+# "safetensors" is vLLM's name for what "auto" does here (safetensors is the only format read).
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# vLLM's LLM(logprobs_mode=...) values -> SamplingParams.logprobs_mode; ours pass through.
+VLLM_LOGPROBS_MODES = {"processed_logprobs": "processed", "raw_logprobs": "raw"}
+DEFAULT_LOGPROBS_MODE = "processed"
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
@@ -50,7 +54,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise InvalidRequestError(
-                "load_format", self.load_format, "'auto' (load the checkpoint) or 'dummy' (random weights, no checkpoint read)"
+                "load_format", self.load_format, "'auto' or 'safetensors' (load the checkpoint) or 'dummy' (random weights, no checkpoint read)"
             )
         if not _is_int(self.seed):
             raise InvalidRequestError("seed", self.seed, "an int")
@@ -128,6 +132,75 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class VllmOptions:
+    """vLLM engine keywords that RL frameworks pass to ``LLM`` (TRL, verl). Each one either
+    means here what it means in vLLM or is refused with ``UnsupportedFeatureError`` naming
+    the values supported; none is dropped when it would change what the engine does.
+
+    - ``enable_sleep_mode``: any bool. Sleep is always available here (the weights and KV
+      cache live in arenas that can be released), so False does not take it away.
+    - ``distributed_executor_backend``: None, "external_launcher" or "uni": this process
+      is one rank's engine, which is the only way rollout runs (tensor parallelism over the
+      caller's ``torch.distributed`` world, as vLLM's external launcher does). "mp" and
+      "ray" (engines in worker processes) are refused: see ``rollout.distributed`` for Ray.
+    - ``model_impl``: "auto" or "vllm" (this engine's own model code); "transformers" refused.
+    - ``quantization``: None only (FP8 rollout is not built yet).
+    - ``skip_tokenizer_init``: True loads no tokenizer (prompts must be token ids, outputs
+      carry no text), as in vLLM.
+    - ``trust_remote_code``: any bool; no code from a model directory is ever run, and the
+      supported architectures do not need it.
+    - ``disable_custom_all_reduce``, ``disable_log_stats``: any bool; there is no custom
+      all-reduce (collectives are ``torch.distributed``'s) and no periodic stats log.
+    - ``enable_lora``: False only; ``compilation_config``: None only (CUDA graphs are
+      captured for decode unless ``enforce_eager``).
+    """
+
+    enable_sleep_mode: bool = False
+    distributed_executor_backend: str | None = None
+    model_impl: str = "auto"
+    quantization: str | None = None
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    disable_custom_all_reduce: bool = False
+    disable_log_stats: bool = True
+    enable_lora: bool = False
+    compilation_config: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("enable_sleep_mode", "skip_tokenizer_init", "trust_remote_code", "disable_custom_all_reduce",
+                     "disable_log_stats", "enable_lora"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(name, getattr(self, name), "a bool")
+        _only("distributed_executor_backend", self.distributed_executor_backend, (None, "external_launcher", "uni"),
+              "engines in worker processes ('mp', 'ray') are not supported: every rank builds its own LLM")
+        _only("model_impl", self.model_impl, ("auto", "vllm"), "rollout runs its own model implementations")
+        _only("quantization", self.quantization, (None,), "quantized rollout (FP8) is not supported yet")
+        _only("enable_lora", self.enable_lora, (False,), "LoRA adapters are not supported yet")
+        _only("compilation_config", self.compilation_config, (None,),
+              "torch.compile configs are not supported; decode runs in CUDA graphs unless enforce_eager=True")
+
+
+def resolve_logprobs_mode(mode: str | None) -> str:
+    """``LLM(logprobs_mode=...)``: None (ours: "processed"), a ``SamplingParams.logprobs_mode``
+    or vLLM's "processed_logprobs"/"raw_logprobs"; vLLM's logits modes are refused."""
+    from rollout.errors import UnsupportedFeatureError
+    from rollout.sampling_params import LOGPROBS_MODES
+
+    if mode is None:
+        return DEFAULT_LOGPROBS_MODE
+    if mode in LOGPROBS_MODES:
+        return mode
+    if mode in VLLM_LOGPROBS_MODES:
+        return VLLM_LOGPROBS_MODES[mode]
+    if mode in ("raw_logits", "processed_logits"):
+        raise UnsupportedFeatureError(
+            f"logprobs_mode={mode!r}: returning logits is not supported; use one of "
+            f"{list(VLLM_LOGPROBS_MODES)} or {list(LOGPROBS_MODES)}"
+        )
+    raise InvalidRequestError("logprobs_mode", mode, f"None, one of {list(VLLM_LOGPROBS_MODES)} or {list(LOGPROBS_MODES)}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine is built from, validated once. Parts get it whole."""
 
@@ -137,6 +210,9 @@ class EngineConfig:
     parallel: ParallelConfig
     device: torch.device
     enforce_eager: bool = False  # no CUDA graphs
+    # What SamplingParams(logprobs_mode=None) reports: "processed", "scaled" or "raw".
+    logprobs_mode: str = DEFAULT_LOGPROBS_MODE
+    vllm: VllmOptions = field(default_factory=lambda: VllmOptions())
 
     def __post_init__(self) -> None:
         if not isinstance(self.enforce_eager, bool):
@@ -150,7 +226,8 @@ class EngineConfig:
         num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
         gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True, enforce_eager: bool = False,
         load_format: str = "auto", tensor_parallel_size: int = 1, tp_group: Any = None,
-        debug_tp_agreement: bool = False, enable_chunked_prefill: bool = True,
+        debug_tp_agreement: bool = False, enable_chunked_prefill: bool = True, logprobs_mode: str | None = None,
+        vllm: VllmOptions | None = None,
     ) -> EngineConfig:
         """Validate ``LLM``'s arguments and resolve them against the model's config:
         ``dtype="auto"`` is the checkpoint's, ``max_model_len=None`` the model's
@@ -176,7 +253,14 @@ class EngineConfig:
                 max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill)
         parallel = ParallelConfig(tensor_parallel_size, tp_group, debug_tp_agreement)
-        return cls(model, cache, scheduler, parallel, device, enforce_eager)
+        return cls(model, cache, scheduler, parallel, device, enforce_eager, resolve_logprobs_mode(logprobs_mode), vllm or VllmOptions())
+
+
+def _only(name: str, value: Any, allowed: tuple, why: str) -> None:
+    if value not in allowed:
+        from rollout.errors import UnsupportedFeatureError
+
+        raise UnsupportedFeatureError(f"{name}={value!r}: supported values are {list(allowed)} ({why})")
 
 
 def _is_int(v: object) -> bool:

@@ -57,7 +57,7 @@ class SamplingParams:
     """How to sample one prompt's completions.
 
     Field names and meanings follow vLLM. ``n`` is at most ``MAX_N`` (4096). ``temperature=0``
-    is greedy. ``top_k`` 0 or -1 disables top-k, else at most the model's vocabulary (checked
+    is greedy. ``top_k`` 0, -1 or None disables top-k, else at most the model's vocabulary (checked
     on submission, where the model is known). ``max_tokens=None`` generates until a stop condition or the model length.
 
     ``logprobs=k`` returns, per generated token, the sampled token's logprob plus the ``k``
@@ -128,7 +128,7 @@ class SamplingParams:
             self.stop_token_ids = []
         elif isinstance(self.stop_token_ids, (list, tuple)):
             self.stop_token_ids = list(self.stop_token_ids)
-        if _is_int(self.top_k) and self.top_k == -1:
+        if self.top_k is None or (_is_int(self.top_k) and self.top_k == -1):  # vLLM's "off" values
             self.top_k = 0
         self.validate()
 

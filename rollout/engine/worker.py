@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -30,6 +30,9 @@ from rollout.models.updater import WeightUpdater, listed_problems
 from rollout.models.weights import tensor_problem
 from rollout.outputs import EngineStats
 from rollout.platforms import Platform
+
+if TYPE_CHECKING:
+    from rollout.entrypoints.model_source import WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,19 @@ class Worker:
             shapes, open_tensors, require_all=False, error_cls=CheckpointError, check_finite=check_finite
         )
         self._after_update(version)
+        return n
+
+    def reload_weights(self, source: WeightSource) -> int:
+        """Read the weights ``sleep(2)`` discarded and no update has loaded since back from
+        ``source`` (one transaction, as ``load_weights``); the weight version stays, since
+        these are the weights the engine was built with. Returns the tensors read."""
+        self.require_awake("reload_weights", ("weights",))
+        names = set(self.updater.discarded_names)
+        if not names:
+            return 0
+        shapes, open_tensors = source.read(names)
+        n = self.updater.apply(shapes, open_tensors, require_all=False, error_cls=CheckpointError, check_finite=True)
+        logger.info("reload_weights: read back %d discarded weights", n)
         return n
 
     def mark_partial_update(self, loaded: set[str]) -> int:

@@ -12,20 +12,25 @@ from typing import Any
 
 import torch
 
-from rollout.config import EngineConfig
+from rollout.compat.engine_view import EngineView
+from rollout.config import EngineConfig, VllmOptions
 from rollout.engine.request import Request
 from rollout.engine.worker import MEMORY_TAGS, Worker, describe
 from rollout.entrypoints.async_driver import AsyncDriver
 from rollout.entrypoints.frontend import RequestFrontend
 from rollout.entrypoints.input_processor import InputProcessor
-from rollout.entrypoints.model_source import ModelSource
-from rollout.errors import EngineStateError, InvalidRequestError, NonFiniteError, WeightUpdateError
+from rollout.entrypoints.model_source import ModelSource, WeightSource
+from rollout.errors import (
+    EngineStateError, InvalidRequestError, NonFiniteError, UnsupportedFeatureError, WeightUpdateError,
+)
 from rollout.outputs import EngineStats, RequestOutput
 from rollout.platforms import get_platform
 from rollout.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# What ``LLM.collective_rpc`` serves: vLLM worker methods the frameworks call by name.
+RPC_METHODS = ("sleep", "wake_up", "reload_weights", "reset_prefix_cache")
 
 
 class LLM:
@@ -52,6 +57,15 @@ class LLM:
     (``generate_stream``/``generate_async``) over one shared engine loop. The engine is
     single-threaded: call it from one thread (the event loop's, when streaming); a step
     then always completes before the next call, so every call lands on a step boundary.
+
+    vLLM's engine keywords that RL frameworks pass are accepted and checked (see
+    ``rollout.config.VllmOptions``: ``enable_sleep_mode``, ``distributed_executor_backend``,
+    ``model_impl``, ``quantization``, ``skip_tokenizer_init``, ``trust_remote_code``,
+    ``disable_custom_all_reduce``, ``disable_log_stats``, ``enable_lora``,
+    ``compilation_config``); ``logprobs_mode`` sets what ``SamplingParams(logprobs_mode=None)``
+    reports (vLLM's "processed_logprobs"/"raw_logprobs" or ours; default "processed", where
+    vLLM's is "raw_logprobs"). ``llm_engine`` and ``collective_rpc`` serve the vLLM paths
+    that frameworks push weights and sleep through.
     """
 
     def __init__(
@@ -75,8 +89,25 @@ class LLM:
         tp_group: Any = None,
         debug_tp_agreement: bool = False,
         enable_chunked_prefill: bool = True,
+        logprobs_mode: str | None = None,
+        enable_sleep_mode: bool = False,
+        distributed_executor_backend: str | None = None,
+        model_impl: str = "auto",
+        quantization: str | None = None,
+        skip_tokenizer_init: bool = False,
+        trust_remote_code: bool = False,
+        disable_custom_all_reduce: bool = False,
+        disable_log_stats: bool = True,
+        enable_lora: bool = False,
+        compilation_config: Any = None,
     ) -> None:
         t0 = time.perf_counter()
+        vllm = VllmOptions(
+            enable_sleep_mode=enable_sleep_mode, distributed_executor_backend=distributed_executor_backend,
+            model_impl=model_impl, quantization=quantization, skip_tokenizer_init=skip_tokenizer_init,
+            trust_remote_code=trust_remote_code, disable_custom_all_reduce=disable_custom_all_reduce,
+            disable_log_stats=disable_log_stats, enable_lora=enable_lora, compilation_config=compilation_config,
+        )
         self.platform = get_platform(device)
         source = ModelSource.from_arg(model, load_format)
         # Every argument validated and resolved once, before any model work.
@@ -88,16 +119,24 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager, load_format=load_format, tensor_parallel_size=tensor_parallel_size,
             tp_group=tp_group, debug_tp_agreement=debug_tp_agreement, enable_chunked_prefill=enable_chunked_prefill,
+            logprobs_mode=logprobs_mode, vllm=vllm,
         )
-        self.tokenizer = source.load_tokenizer(tokenizer)
+        if skip_tokenizer_init and tokenizer is not None:
+            raise InvalidRequestError("tokenizer", tokenizer, "None when skip_tokenizer_init=True")
+        self.tokenizer = None if skip_tokenizer_init else source.load_tokenizer(tokenizer)
+        # Where reload_weights reads discarded weights back from (a directory or the HF module).
+        self._weight_source = WeightSource(source, load_format)
         #: The engine's body (model, runner, memory, scheduler, step loop): see ``Worker``.
         self.worker = Worker(
             self.config, self.platform, source.load_weights, self.tokenizer, source.eos_token_ids(self.tokenizer)
         )
         self.input_processor = InputProcessor(
             self.tokenizer, self.config.model.vocab_size, self.config.model.max_model_len,
-            self.worker.engine.max_num_tokens,
+            self.worker.engine.max_num_tokens, self.config.logprobs_mode,
         )
+        #: vLLM's engine paths (``llm_engine.model_executor.driver_worker.model_runner.model``
+        #: and friends) that frameworks push weights through: see ``rollout.compat.engine_view``.
+        self.llm_engine = EngineView(self, str(source.path) if source.path is not None else None)
         self._frontend = RequestFrontend(self.worker.engine, self.input_processor, self._require_awake, self._is_awake)
         self._driver = AsyncDriver(self._frontend)
         logger.info(describe(self.config, self.worker, time.perf_counter() - t0))
@@ -159,15 +198,18 @@ class LLM:
     def get_tokenizer(self) -> Any | None:
         return self.tokenizer
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix: later prompts recompute their KV."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix: later prompts recompute their KV. Returns True (vLLM
+        returns whether it could; here it always can)."""
         self.worker.engine.reset_prefix_cache()
+        return True
 
     def generate(
         self,
         prompts: Any,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | None = None,
+        lora_request: Any = None,
     ) -> list[RequestOutput]:
         """Generate completions for a batch of prompts; blocks until all have finished.
 
@@ -180,8 +222,9 @@ class LLM:
         have finished, ``NonFiniteError`` is raised with every output in ``.outputs``.
         ``use_tqdm``: a progress bar over prompts; None (default) shows one when stderr is
         a terminal and no ``torch.distributed`` world is up (an interactive session, not a
-        trainer's rank).
+        trainer's rank). ``lora_request`` must be None (LoRA: ``UnsupportedFeatureError``).
         """
+        check_no_lora(lora_request)
         batch = self._frontend.prepare_batch("generate", prompts, sampling_params)
         results: list[RequestOutput | None] = [None] * len(batch)
         bar = _progress_bar(use_tqdm, len(batch))
@@ -408,6 +451,36 @@ class LLM:
             path, version, check_finite=check_finite, allow_version_decrease=allow_version_decrease
         )
 
+    def reload_weights(self) -> int:
+        """Read back from the model's source (its directory, or the HF module it was built
+        from) the weights that ``sleep(level=2)`` discarded and no update has loaded since;
+        weights updated after the sleep are kept. Returns how many tensors were read (0 when
+        nothing is missing). vLLM's ``reload_weights`` reads every weight again, which
+        undoes a sync the trainer made after the sleep; this one cannot."""
+        self._require_open("reload_weights")
+        return self.worker.reload_weights(self._weight_source)
+
+    def collective_rpc(
+        self, method: Any, timeout: float | None = None, args: tuple = (), kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """vLLM's call of a worker method by name on every worker; here the one worker is
+        this rank's engine, so the list holds one result. ``method``: "sleep", "wake_up",
+        "reload_weights" or "reset_prefix_cache" (the LLM methods of those names); any other
+        name, or a callable, raises ``UnsupportedFeatureError`` (a ``NotImplementedError``,
+        which vLLM's callers catch). ``timeout`` (None or seconds > 0) is accepted: the call
+        runs here and now, so it cannot be left waiting on a worker."""
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+            raise InvalidRequestError("timeout", timeout, "None or a number of seconds > 0")
+        if not isinstance(args, (tuple, list)):
+            raise InvalidRequestError("args", args, "a tuple of positional arguments")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise InvalidRequestError("kwargs", kwargs, "None or a dict of keyword arguments")
+        if not isinstance(method, str) or method not in RPC_METHODS:
+            raise UnsupportedFeatureError(
+                f"collective_rpc({method!r}): rollout serves only {list(RPC_METHODS)} by name"
+            )
+        return [getattr(self, method)(*args, **(kwargs or {}))]
+
     def _is_awake(self) -> bool:
         return self.worker.is_awake()
 
@@ -418,6 +491,11 @@ class LLM:
     def _require_awake(self, what: str, tags: tuple[str, ...] = MEMORY_TAGS) -> None:
         self._require_open(what)
         self.worker.require_awake(what, tags)
+
+
+def check_no_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise UnsupportedFeatureError(f"lora_request={lora_request!r}: LoRA adapters are not supported yet; pass None")
 
 
 def _check_flag(name: str, value: Any) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from rollout.errors import CheckpointError, InvalidRequestError
-from rollout.models.loader import checkpoint_files, load_checkpoint, load_named_tensors
+from rollout.models.loader import checkpoint_files, load_checkpoint, load_named_tensors, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +30,11 @@ class ModelSource:
 
     @classmethod
     def from_arg(cls, model: Any, load_format: str = "auto") -> ModelSource:
-        """``load_format``: "auto" loads the checkpoint; "dummy" needs only the config (the
+        """``load_format``: "auto" (or "safetensors") loads the checkpoint; "dummy" needs only the config (the
         caller fills the weights with ``init_dummy_weights``)."""
         if load_format not in LOAD_FORMATS:
             raise InvalidRequestError(
-                "load_format", load_format, "'auto' (load the checkpoint) or 'dummy' (random weights, no checkpoint read)"
+                "load_format", load_format, "'auto' or 'safetensors' (load the checkpoint) or 'dummy' (random weights, no checkpoint read)"
             )
         if isinstance(model, nn.Module):
             if not hasattr(model, "config"):
@@ -42,7 +44,7 @@ class ModelSource:
             path = Path(model)
             if not (path / "config.json").is_file():
                 raise CheckpointError(f"{str(path)!r} is not an HF model directory (no config.json)")
-            if load_format == "auto":
+            if load_format != "dummy":
                 checkpoint_files(path)  # refuse pickle-only or empty checkpoints before any work
             return cls(_read_config(path), path=path)
         raise InvalidRequestError("model", model, "a path to an HF model directory or an HF PreTrainedModel")
@@ -107,6 +109,31 @@ class ModelSource:
         if eos is None:
             return ()
         return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+class WeightSource:
+    """Where weights discarded by ``sleep(level=2)`` are read back from (``reload_weights``):
+    the checkpoint directory the engine was built from, or the HF module, held weakly so the
+    engine never keeps a trainer's model alive. Random (``load_format="dummy"``) weights have
+    no source."""
+
+    def __init__(self, source: ModelSource, load_format: str) -> None:
+        self.path = source.path if load_format != "dummy" else None
+        self._module = weakref.ref(source.module) if source.module is not None else None
+
+    def read(self, names: set[str]) -> tuple[list[tuple[str, torch.Size, torch.dtype]], Callable[[], Iterator[torch.Tensor]]]:
+        """(name, shape, dtype) of the tensors named ``names`` and a function that opens a
+        stream of them, in that order (what ``WeightUpdater.apply`` takes)."""
+        if self.path is not None:
+            return read_checkpoint(self.path, names)
+        module = self._module() if self._module is not None else None
+        if module is None:
+            raise CheckpointError(
+                "reload_weights: nothing to read the discarded weights from (random weights, or the HF module "
+                "the engine was built from is gone); load them with update_weights or load_weights"
+            )
+        state = {n: t for n, t in module.state_dict().items() if n in names}
+        return [(n, t.shape, t.dtype) for n, t in state.items()], lambda: iter(list(state.values()))
 
 
 def _read_config(path: Path) -> Any:

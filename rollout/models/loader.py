@@ -121,22 +121,27 @@ def load_named_tensors(
     return WeightUpdater(model).apply(shapes, lambda: tensors, require_all=require_all, error_cls=error_cls)
 
 
-def read_checkpoint(path: str | Path) -> tuple[list[tuple[str, torch.Size, torch.dtype]], Callable[[], Iterator[torch.Tensor]]]:
-    """(name, shape, dtype) of every tensor of a safetensors checkpoint directory, read from
-    the headers only, and a function that opens a lazy stream of the tensors in the same
-    order (each call a new stream: a validation pass can read them before the copy)."""
+def read_checkpoint(
+    path: str | Path, names: set[str] | None = None,
+) -> tuple[list[tuple[str, torch.Size, torch.dtype]], Callable[[], Iterator[torch.Tensor]]]:
+    """(name, shape, dtype) of every tensor of a safetensors checkpoint directory (or only
+    those in ``names``), read from the headers only, and a function that opens a lazy stream
+    of the tensors in the same order (each call a new stream: a validation pass can read them
+    before the copy)."""
     files = checkpoint_files(path)
     shapes = []
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
+                    if names is not None and name not in names:
+                        continue
                     sl = st.get_slice(name)
                     dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8)
                     shapes.append((name, torch.Size(sl.get_shape()), dtype))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{str(f)!r} is not a readable safetensors file: {e}") from e
-    return shapes, lambda: _stream(files)
+    return shapes, lambda: _stream(files, names)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> int:
@@ -163,8 +168,9 @@ def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
                 param.fill_(0.0 if name.endswith("bias") else 1.0)
 
 
-def _stream(files: list[Path]) -> Iterator[torch.Tensor]:
+def _stream(files: list[Path], names: set[str] | None = None) -> Iterator[torch.Tensor]:
     for f in files:
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
-                yield st.get_tensor(name)
+                if names is None or name in names:
+                    yield st.get_tensor(name)

@@ -23,15 +23,24 @@ class WeightUpdater:
     def __init__(self, model: nn.Module) -> None:
         self.weight_map = WeightMap(model)
         self._missing: set = set()
+        # The part of _missing whose memory was discarded (not merely left stale by a
+        # stream that failed): what reloading the original checkpoint may restore.
+        self._discarded: set = set()
 
     @property
     def missing_names(self) -> list[str]:
         """HF names of weights whose contents are undefined (empty when all are loaded)."""
         return [self.weight_map.required[k] for k in self.weight_map.required if k in self._missing]
 
+    @property
+    def discarded_names(self) -> list[str]:
+        """HF names of weights discarded by ``discard`` and not loaded since."""
+        return [self.weight_map.required[k] for k in self.weight_map.required if k in self._discarded]
+
     def discard(self) -> None:
         """Every weight's contents are gone (their memory was released without a copy)."""
         self._missing = set(self.weight_map.required)
+        self._discarded = set(self.weight_map.required)
 
     def mark_stale_except(self, loaded: set[str]) -> int:
         """A streamed update stopped part-way: weights it did not reach (HF names not in
@@ -69,7 +78,9 @@ class WeightUpdater:
                 raise error_cls(listed_problems([f"tensor {n!r} holds NaN or inf" for n in bad]) +
                                 " (nothing was copied; check_finite=False skips this check)")
         copy_weights(targets, (t for _, t in selected()))
-        self._missing.difference_update((id(t.param), t.shard_id) for t in targets)
+        loaded = [(id(t.param), t.shard_id) for t in targets]
+        self._missing.difference_update(loaded)
+        self._discarded.difference_update(loaded)
         return len(targets)
 
 

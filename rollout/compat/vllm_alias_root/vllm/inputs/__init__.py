@@ -1,0 +1,1 @@
+from rollout.inputs import PromptType, TextPrompt, TokensPrompt  # noqa: F401

@@ -1,0 +1,1 @@
+from rollout.outputs import Logprob  # noqa: F401

@@ -1,0 +1,1 @@
+from rollout.compat.lora import LoRARequest  # noqa: F401

@@ -1,0 +1,1 @@
+from rollout.outputs import CompletionOutput, RequestOutput  # noqa: F401
