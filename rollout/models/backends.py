@@ -1,7 +1,7 @@
 """The kernels a model's layers call, chosen once per engine: the attention backend (paged
 attention and the K/V-cache write, with the buffers its kernels need) and the op set
-(RMSNorm, rotary, SiLU-and-mul, the one-pass sampler). The platform names them; the model
-runner creates them and puts them in the forward context.
+(RMSNorm, rotary, SiLU-and-mul, the one-pass sampler, the sampling penalties). The
+platform names them; the model runner creates them and puts them in the forward context.
 
 A backend owns its buffers: they are allocated when it is created, sized by ``BackendLimits``,
 and never replaced, so CUDA graphs may capture their addresses.
@@ -18,6 +18,7 @@ from rollout.errors import PlatformError
 from rollout.kernels.activation import silu_and_mul_ref
 from rollout.kernels.attention import paged_attention_ref, paged_attention_sdpa, paged_decode_sdpa, write_kv_ref
 from rollout.kernels.layernorm import rms_norm_ref
+from rollout.kernels.penalties import apply_penalties_ref
 from rollout.kernels.rotary import rotary_ref
 
 
@@ -139,6 +140,9 @@ class Ops:
     sample_tokens: Callable | None = None
     # (logits, temperature, token ids) -> 1-based ranks, for that path's logprobs.
     rank_tokens: Callable | None = None
+    # (logits, idx, rows, values, output_counts, prompt_mask) -> None: repetition, presence
+    # and frequency penalties on the fp32 logits of the penalised rows, in place.
+    apply_penalties: Callable = apply_penalties_ref
 
 
 TORCH_OPS = Ops("torch", rms_norm_ref, rotary_ref, silu_and_mul_ref)
@@ -148,10 +152,11 @@ def _triton_ops() -> Ops:
     # Imported on demand: installs without triton (or without a GPU) never load it.
     from rollout.kernels.triton_activation import silu_and_mul
     from rollout.kernels.triton_layernorm import rms_norm
+    from rollout.kernels.triton_penalties import apply_penalties
     from rollout.kernels.triton_rotary import rotary
     from rollout.kernels.triton_sampling import rank_tokens, sample_tokens
 
-    return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens)
+    return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties)
 
 
 def get_ops(name: str) -> Ops:
