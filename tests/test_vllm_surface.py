@@ -247,6 +247,9 @@ ALIAS_PATHS = (
     "from vllm.logprobs import Logprob\n"
     "from vllm.sequence import Logprob\n"
     "from vllm.model_executor.model_loader.utils import process_weights_after_loading\n"
+    "from vllm import AsyncLLMEngine, AsyncEngineArgs\n"
+    "from vllm.v1.engine.async_llm import AsyncLLM\n"
+    "from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs\n"
 )
 
 

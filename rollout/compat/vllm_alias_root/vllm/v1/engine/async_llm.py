@@ -1,0 +1,1 @@
+from rollout.entrypoints.async_llm import AsyncLLM  # noqa: F401
