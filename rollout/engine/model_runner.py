@@ -11,6 +11,7 @@ from torch import nn
 
 from rollout.engine.cuda_graphs import CudaGraphRunner
 from rollout.engine.input_batch import InputBatch
+from rollout.engine.penalties import PenaltyState
 from rollout.engine.request import TokenLogprobs
 from rollout.engine.sampler import LOGPROBS_MODE_IDS, Sampler, SamplingMetadata, gather_logprobs
 from rollout.engine.scheduler import SchedulerOutput
@@ -40,12 +41,17 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_req = -(-(max_model_len + 1) // self.block_size)
         self.batch = InputBatch(max_num_seqs, max_model_len, self.max_blocks_per_req)
-        self.backend = create_attention_backend(
-            platform.attention_backend(),
-            BackendLimits(model.num_kv_heads, max_num_batched_tokens, max_num_seqs, device),
+        # Exact on-policy mode: kernels whose result for a token never depends on the batch.
+        attention, ops = (
+            platform.invariant_backends() if config.batch_invariant else (platform.attention_backend(), platform.ops_backend())
         )
-        self.ops = get_ops(platform.ops_backend())
-        self.sampler = Sampler(self.ops.sample_tokens, self.ops.rank_tokens)
+        self.backend = create_attention_backend(
+            attention, BackendLimits(model.num_kv_heads, max_num_batched_tokens, max_num_seqs, device),
+        )
+        self.ops = get_ops(ops)
+        self.sampler = Sampler(self.ops.sample_tokens, self.ops.rank_tokens, self.ops.apply_penalties)
+        # Each row's token history on the device, for repetition/presence/frequency penalties.
+        self.penalties = PenaltyState(max_num_seqs, config.model.vocab_size, device, platform.pin_host_memory)
         # Unseeded requests draw from this engine generator (seeded by LLM(seed=...)), or
         # from a per-step seed of the host one when the fused sampler draws its own noise.
         self.generator = platform.manual_seed_generator(seed, device)
@@ -59,11 +65,11 @@ class ModelRunner:
 
     def _max_step_bytes(self, max_num_batched_tokens: int) -> int:
         """An upper bound of what ``Staging.send`` carries in one step (see _prepare_inputs
-        and _sampling_metadata): per token 4 int64, per row 5 int64/fp32 and a block-table
-        row, plus alignment."""
+        and _sampling_metadata): per token 4 int64, per row 13 int64/fp32 (8 without
+        penalties) and a block-table row, plus alignment."""
         tokens = max(max_num_batched_tokens, self.batch.max_num_seqs)
         rows = self.batch.max_num_seqs
-        return 8 * 4 * tokens + 8 * 8 * (rows + 1) + 4 * rows * self.max_blocks_per_req + 16 * 16
+        return 8 * 4 * tokens + 8 * 13 * (rows + 1) + 4 * rows * self.max_blocks_per_req + 16 * 16
 
     # ---- KV cache --------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -163,6 +169,7 @@ class ModelRunner:
                 hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_reqs, vocab]
         out = self.sampler(logits, smd)
+        self.penalties.record(smd.penalties, out.sampled_token_ids)  # before the next step's penalties
         prompt_lp: dict[str, PromptLogprobsChunk] = {}
         self._prompt_logprobs(req_ids, rows, num_sched, inputs, hidden, prompt_lp)
 
@@ -232,6 +239,8 @@ class ModelRunner:
             self.batch.remove(req_id)
         for new in sched.new_reqs:
             self.batch.add(new)
+        if sched.new_reqs:
+            self.penalties.add_rows(self.batch, [self.batch.rows[new.req_id] for new in sched.new_reqs])
         for cached in sched.cached_reqs:
             if cached.new_block_ids:
                 self.batch.append_blocks(self.batch.rows[cached.req_id], cached.new_block_ids)
@@ -299,6 +308,7 @@ class ModelRunner:
         modes = [LOGPROBS_MODE_IDS[p.logprobs_mode] for p in params]
         if any(modes):
             send["logprobs_mode"] = torch.tensor(modes, dtype=torch.int64)
+        send.update(self.penalties.host_inputs(rows, params, completes))  # {} when no row has any
         banned = {}
         for i, (r, s) in enumerate(zip(rows, states)):
             if s.params.min_tokens and s.stop_token_ids:  # cheap test first: a tensor read is not
@@ -321,11 +331,11 @@ class ModelRunner:
         )
         return md, send
 
-    @staticmethod
-    def _fill_sampling_metadata(md: SamplingMetadata, dev: dict[str, torch.Tensor]) -> None:
+    def _fill_sampling_metadata(self, md: SamplingMetadata, dev: dict[str, torch.Tensor]) -> None:
         md.temperature = dev["temperature"]
         for name in ("top_k", "top_p", "min_p", "logprobs_mode"):
             setattr(md, name, dev.get(name))
+        md.penalties = self.penalties.metadata(dev)
 
     def _prompt_logprobs(
         self, req_ids: list[str], rows: torch.Tensor, num_sched: torch.Tensor, inputs: StepInputs,
@@ -348,10 +358,11 @@ class ModelRunner:
                 continue
             idx = torch.arange(lo, hi)[keep]
             targets = b.token_ids_cpu[r, pos[keep] + 1]
-            logits = self.model.compute_logits(hidden[idx.to(self.device)]).float()
+            with set_forward_context(ForwardContext(None, [], self.backend, self.ops)):  # the step's linear op
+                logits = self.model.compute_logits(hidden[idx.to(self.device)]).float()
             if spec.temperature != 1.0:
                 logits /= spec.temperature
-            lp = torch.log_softmax(logits, dim=-1)
+            lp = self.ops.log_softmax(logits)
             tok_lp, ranks, top_ids, top_lp = gather_logprobs(lp, targets.to(self.device), spec.num_top)
             entries = [
                 TokenLogprobs(

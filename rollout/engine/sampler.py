@@ -1,10 +1,16 @@
 """Sampler: logits of the last position of each request -> one token per request.
 
-Processing order (see ``SamplingParams``): banned tokens, temperature, min-p, top-k,
-top-p. Every mask writes ``-inf`` into fp32 logits; the "processed distribution" is the
-softmax of what is left, and returned logprobs come from its log-softmax, unless a row's
-``logprobs_mode`` asks for the temperature-scaled or raw distribution instead (the token is
-still drawn from the processed one).
+Processing order (see ``SamplingParams``): penalties (repetition, presence, frequency),
+banned tokens, temperature, min-p, top-k, top-p. Every mask writes ``-inf`` into fp32
+logits; the "processed distribution" is the softmax of what is left, and returned logprobs
+come from its log-softmax, unless a row's ``logprobs_mode`` asks for the temperature-scaled
+or raw distribution instead (the token is still drawn from the processed one).
+
+Penalties count in the processed distribution only: "scaled" and "raw" are computed from
+the model's logits as they came in (the caller's tensor is never changed), so they carry no
+penalty, as vLLM's ``raw_*`` modes and as ``SamplingParams`` documents. The penalties need
+each row's token history; ``PenaltyMetadata`` points at the device tables that hold it
+(``engine.penalties.PenaltyState``) and the op set's ``apply_penalties`` applies them.
 
 Random rows sample with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``
 (equivalent to Gumbel-max). A seeded row draws its ``q`` from its own generator only, so
@@ -18,9 +24,23 @@ from dataclasses import dataclass
 
 import torch
 
+from rollout.kernels.penalties import apply_penalties_ref
 from rollout.sampling_params import GREEDY_EPS as _GREEDY_EPS
+
 # SamplingParams.logprobs_mode -> the id SamplingMetadata.logprobs_mode carries.
 LOGPROBS_MODE_IDS = {"processed": 0, "scaled": 1, "raw": 2}
+
+
+@dataclass
+class PenaltyMetadata:
+    """The rows of a step that have penalties (only those: the others cost nothing)."""
+
+    idx: torch.Tensor  # [m] int64: rows of this step's logits
+    rows: torch.Tensor  # [m] int64: their req_idx in the history tables
+    kept: torch.Tensor  # [m] int64: 1 where the row keeps its sample (a prefill chunk's: 0)
+    values: torch.Tensor  # [3, m] fp32: repetition, presence, frequency penalty
+    output_counts: torch.Tensor  # [max_num_seqs, vocab] int32: output occurrences so far
+    prompt_mask: torch.Tensor  # [max_num_seqs, vocab] bool: occurs in the prompt
 
 
 @dataclass
@@ -39,6 +59,8 @@ class SamplingMetadata:
     # A fresh seed per step for noise the fused kernel may draw itself (Philox), used when
     # no row has its own generator; None: noise always comes from the generators.
     noise_seed: int | None = None
+    # The step's penalised rows; None: no row of the step has penalties.
+    penalties: PenaltyMetadata | None = None
 
 
 @dataclass
@@ -119,9 +141,13 @@ class Sampler:
     for top-k logprobs: the common RL case, with no sort and no full softmax passes.
     """
 
-    def __init__(self, fused_sample: Callable | None = None, fused_rank: Callable | None = None) -> None:
+    def __init__(
+        self, fused_sample: Callable | None = None, fused_rank: Callable | None = None,
+        apply_penalties: Callable = apply_penalties_ref,
+    ) -> None:
         self.fused_sample = fused_sample
         self.fused_rank = fused_rank or _rank_tokens
+        self.apply_penalties = apply_penalties
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         if self.fused_sample is not None and _fusable(md):
@@ -129,8 +155,9 @@ class Sampler:
         return self._torch(logits, md)
 
     def _fused(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        if md.banned_token_ids:
+        if md.banned_token_ids or md.penalties is not None:
             logits = logits.to(torch.float32, copy=True)
+            self._penalise(logits, md.penalties)
             _ban_tokens(logits, md.banned_token_ids)
         if md.all_greedy:
             sampled, token_logprobs = self.fused_sample(logits, md.temperature, None)
@@ -147,6 +174,7 @@ class Sampler:
         # A copy, so the caller's logits (maybe reused for prompt logprobs) stay raw.
         raw_logits = logits
         logits = logits.to(torch.float32, copy=True)  # [num_reqs, vocab]
+        self._penalise(logits, md.penalties)
         _ban_tokens(logits, md.banned_token_ids)
         greedy = md.temperature < _GREEDY_EPS  # [num_reqs] bool
         if not md.all_greedy:
@@ -168,6 +196,11 @@ class Sampler:
         k = md.max_num_logprobs or 0
         token_logprobs, ranks, topk_ids, topk_logprobs = gather_logprobs(logprobs, sampled, k)
         return SamplerOutput(sampled, token_logprobs, ranks, topk_ids, topk_logprobs)
+
+    def _penalise(self, logits: torch.Tensor, pen: PenaltyMetadata | None) -> None:
+        """Penalties on the penalised rows of the fp32 copy ``logits``, in place."""
+        if pen is not None:
+            self.apply_penalties(logits, pen.idx, pen.rows, pen.values, pen.output_counts, pen.prompt_mask)
 
 
 def _rank_tokens(logits: torch.Tensor, temperature: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
