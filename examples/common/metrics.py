@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-MAX_KEYS = ("training/rollout_probs_diff_max", "check/engine_vs_trainer_max_abs")  # worst rank, not mean
+MAX_KEYS = ("training/rollout_probs_diff_max", "rollout_corr/rollout_is_max", "check/engine_vs_trainer_max_abs")  # worst rank
+MIN_KEYS = ("rollout_corr/rollout_is_min",)  # worst rank the other way
 SAME_KEYS = ("step", "dp_size", "probe")  # equal on every rank
 CSV_FIRST = ("step", "reward", "loss")  # then every other number, in the first step's order
 RUNS_DIR = Path("runs")  # default output: runs/<algorithm>-<time>/, relative to where the run starts
@@ -18,11 +19,13 @@ RUNS_DIR = Path("runs")  # default output: runs/<algorithm>-<time>/, relative to
 
 def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """Whole-run view of one step, one dict per data-parallel replica: every key averaged,
-    but the worst rank for the max-type ones and the shared labels (step, dp_size, probe)
-    as they are."""
+    but the worst rank for the max- and min-type ones and the shared labels (step, dp_size,
+    probe) as they are."""
     merged = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0] if k not in SAME_KEYS}
     for k in MAX_KEYS:
         merged[k] = max(r[k] for r in per_rank)
+    for k in MIN_KEYS:
+        merged[k] = min(r[k] for r in per_rank)
     merged.update({k: per_rank[0][k] for k in SAME_KEYS})
     return merged
 

@@ -1,9 +1,13 @@
 """The trainer's side of the sampled tokens: its logprobs of each completion, and the
-rollout-vs-trainer mismatch under verl's metric names."""
+rollout-vs-trainer mismatch of a step (``MismatchMeter``, over the library's
+``trainers_integration.mismatch``)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from trainers_integration.mismatch import mismatch_metrics
 
 
 def sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], micro_batch: int, grad: bool,
@@ -50,29 +54,21 @@ def padded(rows: list[list[float]], width: int, device: torch.device | str | Non
 
 
 class MismatchMeter:
-    """Rollout vs trainer on the sampled tokens, accumulated over micro-batches: verl's
-    ``training/rollout_probs_diff_max`` / ``_mean`` and the k3 KL of the rollout policy
-    from the trainer's."""
+    """One step's micro-batches of (trainer logprobs, rollout logprobs, mask), each [b, t],
+    measured together by ``trainers_integration.mismatch.mismatch_metrics`` (verl's
+    ``training/rollout_probs_diff_*`` and ``rollout_corr/*``), plus
+    ``training/rollout_k3_kl``: the examples' name for verl's ``rollout_corr/k3_kl``."""
 
     def __init__(self) -> None:
-        self.diff_max = 0.0
-        self.diff_sum = 0.0
-        self.k3_sum = 0.0
-        self.tokens = 0.0
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    @torch.no_grad()
     def add(self, trainer_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor) -> None:
-        d = (trainer_lp.exp() - rollout_lp.exp()).abs() * mask
-        self.diff_max = max(self.diff_max, float(d.max()))
-        self.diff_sum += float(d.sum())
-        log_r = (rollout_lp - trainer_lp) * mask
-        self.k3_sum += float(((log_r.exp() - log_r - 1) * mask).sum())
-        self.tokens += float(mask.sum())
+        self.parts.append((trainer_lp.detach(), rollout_lp.detach(), mask.detach()))
 
     def metrics(self) -> dict[str, float]:
-        n = max(self.tokens, 1.0)
-        return {
-            "training/rollout_probs_diff_max": self.diff_max,
-            "training/rollout_probs_diff_mean": self.diff_sum / n,
-            "training/rollout_k3_kl": self.k3_sum / n,
-        }
+        width = max(lp.shape[1] for lp, _, _ in self.parts)
+        trainer, rollout, mask = (torch.cat([F.pad(part[i], (0, width - part[i].shape[1])) for part in self.parts])
+                                  for i in range(3))
+        m = mismatch_metrics(rollout, trainer, mask)
+        m["training/rollout_k3_kl"] = m["rollout_corr/k3_kl"]
+        return m

@@ -129,7 +129,7 @@ class RLWorker:
 
     def train(self, batch: Rollout) -> dict[str, float]:
         """The algorithm's update on this rank's rollout; returns its metrics, among them
-        ``loss`` and verl's ``training/rollout_*`` mismatch (``MismatchMeter``)."""
+        ``loss`` and verl's ``training/rollout_*`` / ``rollout_corr/*`` mismatch (``MismatchMeter``)."""
         raise NotImplementedError
 
     def rollout(self, step: int) -> Rollout:

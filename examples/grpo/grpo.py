@@ -12,8 +12,10 @@ same worker from Ray.
 
 Rank 0 prints one progress line per step and writes every metric as a JSON line to
 ``--metrics-file`` (default ``runs/grpo-<time>/metrics.jsonl``): timings, tokens/s, memory
-freed, reward, loss, and verl's names for the rollout-vs-trainer mismatch on the sampled
-tokens (``training/rollout_probs_diff_max``/``_mean``, ``training/rollout_k3_kl``).
+freed, reward, loss, and the rollout-vs-trainer mismatch on the sampled tokens under
+verl's names (``trainers_integration.mismatch``: ``training/rollout_probs_diff_max``/
+``_mean``/``_std``, ``rollout_corr/k3_kl`` and the TIS ratio statistics
+``rollout_corr/rollout_is_*``), with ``training/rollout_k3_kl`` the k3 KL's older name.
 """
 
 from __future__ import annotations
