@@ -213,10 +213,13 @@ class EngineConfig:
     # What SamplingParams(logprobs_mode=None) reports: "processed", "scaled" or "raw".
     logprobs_mode: str = DEFAULT_LOGPROBS_MODE
     vllm: VllmOptions = field(default_factory=lambda: VllmOptions())
+    # Exact on-policy mode: a token's logits and logprobs never depend on the batch.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enforce_eager, bool):
-            raise InvalidRequestError("enforce_eager", self.enforce_eager, "a bool")
+        for name in ("enforce_eager", "batch_invariant"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(name, getattr(self, name), "a bool")
 
     @classmethod
     def create(
@@ -227,7 +230,7 @@ class EngineConfig:
         gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True, enforce_eager: bool = False,
         load_format: str = "auto", tensor_parallel_size: int = 1, tp_group: Any = None,
         debug_tp_agreement: bool = False, enable_chunked_prefill: bool = True, logprobs_mode: str | None = None,
-        vllm: VllmOptions | None = None,
+        vllm: VllmOptions | None = None, batch_invariant: bool = False,
     ) -> EngineConfig:
         """Validate ``LLM``'s arguments and resolve them against the model's config:
         ``dtype="auto"`` is the checkpoint's, ``max_model_len=None`` the model's
@@ -253,7 +256,8 @@ class EngineConfig:
                 max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill)
         parallel = ParallelConfig(tensor_parallel_size, tp_group, debug_tp_agreement)
-        return cls(model, cache, scheduler, parallel, device, enforce_eager, resolve_logprobs_mode(logprobs_mode), vllm or VllmOptions())
+        return cls(model, cache, scheduler, parallel, device, enforce_eager, resolve_logprobs_mode(logprobs_mode), vllm or VllmOptions(),
+                   batch_invariant)
 
 
 def _only(name: str, value: Any, allowed: tuple, why: str) -> None:

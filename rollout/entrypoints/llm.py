@@ -66,6 +66,13 @@ class LLM:
     reports (vLLM's "processed_logprobs"/"raw_logprobs" or ours; default "processed", where
     vLLM's is "raw_logprobs"). ``llm_engine`` and ``collective_rpc`` serve the vLLM paths
     that frameworks push weights and sleep through.
+
+    ``batch_invariant=True`` is the exact on-policy mode: a request's tokens and logprobs are
+    bitwise the same whatever else runs with it (alone, in any batch, after a prefix-cache
+    hit or a preemption, chunked at any size), ``score()`` of a generated sequence equals
+    the logprobs returned while generating it, and ``trainers_integration.exact`` gives the
+    trainer a differentiable forward with the same kernels whose logprobs equal the
+    engine's bit for bit. Off by default: the fast kernels' results move with the batch.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class LLM:
         disable_log_stats: bool = True,
         enable_lora: bool = False,
         compilation_config: Any = None,
+        batch_invariant: bool = False,
     ) -> None:
         t0 = time.perf_counter()
         vllm = VllmOptions(
@@ -119,7 +127,7 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager, load_format=load_format, tensor_parallel_size=tensor_parallel_size,
             tp_group=tp_group, debug_tp_agreement=debug_tp_agreement, enable_chunked_prefill=enable_chunked_prefill,
-            logprobs_mode=logprobs_mode, vllm=vllm,
+            logprobs_mode=logprobs_mode, vllm=vllm, batch_invariant=batch_invariant,
         )
         if skip_tokenizer_init and tokenizer is not None:
             raise InvalidRequestError("tokenizer", tokenizer, "None when skip_tokenizer_init=True")

@@ -46,7 +46,10 @@ def _adjacent_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | No
     directly follow ``query``'s in memory (both split from one qkv row), else None."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     if (
-        query.dtype != key.dtype or query.shape[0] != key.shape[0] or key.shape[2] != head_dim
+        # Under autograd the strided view would send key's gradient nowhere (as_strided's
+        # backward covers query's own elements only): rotate them apart, bit for bit the same.
+        (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+        or query.dtype != key.dtype or query.shape[0] != key.shape[0] or key.shape[2] != head_dim
         or query.stride() != key.stride() or query.stride()[1:] != (head_dim, 1)
         or query.untyped_storage().data_ptr() != key.untyped_storage().data_ptr()
         or key.storage_offset() != query.storage_offset() + num_heads * head_dim

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from rollout.errors import PlatformError
 from rollout.kernels.activation import silu_and_mul_ref
 from rollout.kernels.attention import paged_attention_ref, paged_attention_sdpa, paged_decode_sdpa, write_kv_ref
+from rollout.kernels.invariant import linear_rows, log_softmax_rows, paged_attention_rows, rms_norm_rows, rotary_rows
 from rollout.kernels.layernorm import rms_norm_ref
 from rollout.kernels.penalties import apply_penalties_ref
 from rollout.kernels.rotary import rotary_ref
@@ -82,6 +84,16 @@ class SdpaAttention(AttentionBackend):
         return paged_attention_sdpa(q, kv_cache, md.block_tables, md.query_start_loc_cpu, md.seq_lens_cpu, scale)
 
 
+class InvariantTorchAttention(AttentionBackend):
+    """Batch-invariant: every query token attends on its own (``paged_attention_rows``), so
+    its result never depends on the other tokens of the step (exact on-policy mode)."""
+
+    name = "torch_invariant"
+
+    def attention(self, q, kv_cache, md, scale):
+        return paged_attention_rows(q, kv_cache, md.block_tables, md.query_start_loc_cpu, md.seq_lens_cpu, scale)
+
+
 class TritonAttention(AttentionBackend):
     """One Triton launch per step over prefill chunks and decodes; ``write_kv`` skips slot
     < 0; the K/V write rides in the rotary kernel. Reads device tensors only (CUDA graphs)."""
@@ -113,8 +125,33 @@ class TritonAttention(AttentionBackend):
         )
 
 
+class TritonInvariantAttention(AttentionBackend):
+    """Batch-invariant on GPU (exact on-policy mode): ``paged_attention_invariant`` walks
+    every query's keys in the same fixed blocks from position 0, with no split, so a
+    token's result is the same in any step layout and in the trainer's forward. Rotary is
+    not fused (the layer calls the op set's, then ``write_kv``). Under autograd (the
+    trainer) the write is differentiable and the attention's backward recomputes in torch.
+    Reads device tensors only (CUDA graphs)."""
+
+    name = "triton_invariant"
+
+    def __init__(self) -> None:
+        try:  # imported here: installs without triton still import this module
+            from rollout.kernels.triton_invariant import paged_attention_invariant, write_kv_invariant
+        except ImportError as e:
+            raise PlatformError(f"attention backend 'triton_invariant' needs triton: {e}") from e
+        self._paged_attention = paged_attention_invariant
+        self.write_kv = write_kv_invariant
+
+    def attention(self, q, kv_cache, md, scale):
+        return self._paged_attention(
+            q, kv_cache, md.block_tables, md.query_start_loc, md.seq_lens, scale, md.max_query_len, md.max_seq_len,
+        )
+
+
 _ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
     "torch": TorchAttention, "torch_sdpa": SdpaAttention, "triton": TritonAttention,
+    "torch_invariant": InvariantTorchAttention, "triton_invariant": TritonInvariantAttention,
 }
 
 
@@ -143,9 +180,20 @@ class Ops:
     # (logits, idx, rows, values, output_counts, prompt_mask) -> None: repetition, presence
     # and frequency penalties on the fp32 logits of the penalised rows, in place.
     apply_penalties: Callable = apply_penalties_ref
+    # (x, weight, bias=None) -> x @ weight.T + bias: every linear layer and the LM head.
+    linear: Callable = F.linear
+    # (logits [rows, vocab]) -> fp32 log-probabilities (score()'s and prompt logprobs').
+    log_softmax: Callable = lambda logits: torch.log_softmax(logits.float(), dim=-1)
+    # Every op gives each token the same result whatever else is in the call.
+    batch_invariant: bool = False
 
 
 TORCH_OPS = Ops("torch", rms_norm_ref, rotary_ref, silu_and_mul_ref)
+# Exact on-policy mode off-GPU: every reduction once per token (rollout.kernels.invariant).
+TORCH_INVARIANT_OPS = Ops(
+    "torch_invariant", rms_norm_rows, rotary_rows, silu_and_mul_ref, linear=linear_rows, log_softmax=log_softmax_rows,
+    batch_invariant=True,
+)
 
 
 def _triton_ops() -> Ops:
@@ -159,9 +207,28 @@ def _triton_ops() -> Ops:
     return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties)
 
 
+def _triton_invariant_ops() -> Ops:
+    # Exact on-policy mode on GPU: fixed-tiling matmul, per-row RMSNorm, per-token rotary,
+    # elementwise SiLU-and-mul; Triton forwards, differentiable for the trainer.
+    from rollout.kernels.triton_invariant import (
+        linear_invariant, log_softmax_invariant, rms_norm_invariant, rotary_invariant, silu_and_mul_invariant,
+    )
+    from rollout.kernels.triton_penalties import apply_penalties
+
+    return Ops(
+        "triton_invariant", rms_norm_invariant, rotary_invariant, silu_and_mul_invariant,
+        apply_penalties=apply_penalties, linear=linear_invariant, log_softmax=log_softmax_invariant,
+        batch_invariant=True,
+    )
+
+
 def get_ops(name: str) -> Ops:
     if name == "torch":
         return TORCH_OPS
+    if name == "torch_invariant":
+        return TORCH_INVARIANT_OPS
     if name == "triton":
         return _triton_ops()
-    raise PlatformError(f"unknown op set {name!r}; known: ['torch', 'triton']")
+    if name == "triton_invariant":
+        return _triton_invariant_ops()
+    raise PlatformError(f"unknown op set {name!r}; known: ['torch', 'torch_invariant', 'triton', 'triton_invariant']")

@@ -80,6 +80,13 @@ class Platform(ABC):
         """Name of the op set (RMSNorm, rotary, SiLU-and-mul) for this platform."""
         return "torch"
 
+    def invariant_backends(self) -> tuple[str, str]:
+        """(attention backend, op set) of the batch-invariant mode (``LLM(batch_invariant=True)``):
+        kernels whose result for a token never depends on the rest of the batch. The torch
+        ones work on any device (one call per token: slow); a platform with faster
+        invariant kernels names them."""
+        return "torch_invariant", "torch_invariant"
+
     @abstractmethod
     def synchronize(self, device: torch.device) -> None:
         """Block until all work queued on ``device`` has finished."""

@@ -13,6 +13,7 @@ from rollout.distributed.communication import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from rollout.models.forward_context import current_ops
 from rollout.models.layers.linear import _attach, _param
 
 
@@ -69,7 +70,7 @@ class LMHead(nn.Module):
             self.weight = _vocab_param(vocab_size, hidden, dtype, tp_rank, tp_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [num_rows, ceil(vocab / tp_size)]
+        logits = current_ops().linear(hidden, self.weight)  # [num_rows, ceil(vocab / tp_size)]
         if self.tp_size == 1:
             return logits
         return tensor_model_parallel_all_gather(logits, self.tp_group)[:, : self.vocab_size]

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rollout.distributed.communication import tensor_model_parallel_all_reduce
+from rollout.models.forward_context import current_ops
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
@@ -38,7 +38,7 @@ class LinearBase(nn.Module):
         self.bias = _param((out_local,), dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return current_ops().linear(x, self.weight, self.bias)
 
 
 class ColumnLinear(LinearBase):
@@ -126,9 +126,10 @@ class RowLinear(LinearBase):
             _attach(self.bias, lambda s: torch.Size((out_features,)), _copy_whole)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = current_ops().linear
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = tensor_model_parallel_all_reduce(F.linear(x, self.weight), self.tp_group)
+            return linear(x, self.weight, self.bias)
+        y = tensor_model_parallel_all_reduce(linear(x, self.weight), self.tp_group)
         return y if self.bias is None else y + self.bias
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:

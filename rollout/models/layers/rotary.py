@@ -54,6 +54,7 @@ def _inv_freq(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, params: dict[str, Any]) -> None:
         super().__init__()
+        self.init_args = (head_dim, max_positions, params)  # to rebuild the cache elsewhere
         inv_freq = _inv_freq(head_dim, params)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         # [max_positions, head_dim]: cos | sin; a buffer so it follows the module's device.

@@ -1,0 +1,201 @@
+"""The trainer's side of exact on-policy mode: rollout's own model definition and
+batch-invariant kernels as a differentiable forward over the trainer's weights.
+
+An engine built with ``LLM(..., batch_invariant=True)`` computes every token with kernels
+whose result does not depend on the rest of the batch. ``ExactForward`` runs the *same*
+model code with the *same* kernels over whole sequences, taking the weights from the
+trainer's parameters (HF names) at each call: the logprobs it returns for the tokens a
+rollout sampled are bitwise the logprobs the engine returned while sampling them, and
+gradients flow back into the trainer's parameters (the backward need not be invariant).
+
+The weights stay the trainer's: no copy is kept. The fused engine parameters (q/k/v,
+gate/up) are concatenated from the trainer's tensors in each forward (differentiably), in
+the layout of the engine's ``weight_loader`` (checked by the tests). FSDP2 parameters
+(DTensors) are gathered with ``full_tensor()``, which is differentiable; a DeepSpeed ZeRO-3
+module must be called inside ``deepspeed.zero.GatheredParameters(module.parameters())``
+(see ``zero3_params``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from rollout.errors import InvalidRequestError, WeightUpdateError
+from rollout.models.backends import AttentionMetadata, create_attention_backend, get_ops
+from rollout.models.forward_context import ForwardContext, set_forward_context
+from rollout.models.layers.rotary import RotaryEmbedding
+from rollout.models.loader import build_model
+from rollout.models.weights import WeightMap
+from rollout.platforms import get_platform
+
+_BLOCK_SIZE = 16
+
+
+class ExactForward:
+    """``ExactForward(hf_config, dtype=..., device=...)``: the engine's forward for that
+    config (Llama, Qwen2, Qwen3; one rank), with the batch-invariant kernels of the device's
+    platform. Call ``token_logprobs(params, sequences, prompt_lens, temperature)`` with the
+    trainer's parameters by HF name (``dict(module.named_parameters())``)."""
+
+    def __init__(self, hf_config: Any, *, dtype: torch.dtype, device: str | torch.device,
+                 architectures: list[str] | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # The module tree only: parameters live on the meta device and are never filled.
+        self.model = build_model(hf_config, dtype, torch.device("meta"), architectures)
+        self._materialize_buffers()
+        self.weight_map = WeightMap(self.model)
+        # Engine parameter name -> the HF names concatenated (dim 0, in shard order) into it.
+        self.sources: dict[str, list[str]] = {}
+        for name, param in self.model.named_parameters():
+            shards = [s for (pid, s) in self.weight_map.required if pid == id(param)]
+            self.sources[name] = [self.weight_map.required[(id(param), s)] for s in shards]
+        attention, ops = get_platform(self.device).invariant_backends()
+        self.backend = create_attention_backend(attention)
+        self.ops = get_ops(ops)
+        cfg = hf_config
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.num_layers = cfg.num_hidden_layers
+
+    @classmethod
+    def for_module(cls, module: nn.Module, device: str | torch.device | None = None) -> ExactForward:
+        """For an HF ``PreTrainedModel`` (plain, FSDP2-sharded or ZeRO-3): its config, dtype
+        and device."""
+        p = next(module.parameters())
+        dev = device if device is not None else (p.device if p.device.type != "meta" else "cpu")
+        if getattr(p, "device_mesh", None) is not None:  # an FSDP2 DTensor
+            dev = device or p.to_local().device
+        return cls(module.config, dtype=p.dtype, device=dev)
+
+    def _materialize_buffers(self) -> None:
+        # Buffers are computed, not loaded (the rotary cos/sin cache): rebuild them on the device.
+        for mod in self.model.modules():
+            if isinstance(mod, RotaryEmbedding):
+                with torch.device(self.device):
+                    fresh = RotaryEmbedding(*mod.init_args)
+                mod.cos_sin_cache = fresh.cos_sin_cache
+
+    # ---- weights ----------------------------------------------------------------------
+    def engine_params(self, hf_params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The engine's parameters (fused where the engine fuses) built from the trainer's
+        tensors by HF name, differentiably. Raises ``WeightUpdateError`` naming a missing
+        or misshaped tensor."""
+        out: dict[str, torch.Tensor] = {}
+        problems = []
+        for name, param in self.model.named_parameters():
+            parts = []
+            for hf_name in self.sources[name]:
+                t = _full(hf_params.get(hf_name))
+                if t is None and self.weight_map.is_tied(param):
+                    t = _full(hf_params.get(name))
+                if t is None:
+                    problems.append(f"missing {hf_name!r}")
+                    continue
+                parts.append(t)
+            if len(parts) != len(self.sources[name]):
+                continue
+            fused = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            if fused.shape != param.shape:
+                problems.append(f"{name!r}: got {tuple(fused.shape)} from {self.sources[name]}, expected {tuple(param.shape)}")
+                continue
+            out[name] = fused.to(device=self.device, dtype=self.dtype)
+        if problems:
+            raise WeightUpdateError("; ".join(problems[:10]))
+        return out
+
+    # ---- forward ----------------------------------------------------------------------
+    def hidden_states(self, params: dict[str, torch.Tensor], sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The last hidden state of every token of every sequence, packed in order:
+        [sum(len), hidden]. One causal pass per sequence through the engine's kernels."""
+        lens = [len(s) for s in sequences]
+        dev = self.device
+        num_blocks_each = [-(-n // _BLOCK_SIZE) for n in lens]
+        max_blocks = max(num_blocks_each)
+        total_blocks = sum(num_blocks_each)
+        block_tables = torch.zeros(len(lens), max_blocks, dtype=torch.int32)
+        slots, start = [], 0
+        for i, (n, nb) in enumerate(zip(lens, num_blocks_each)):
+            block_tables[i, :nb] = torch.arange(start, start + nb, dtype=torch.int32)
+            slots.append(torch.arange(n) + start * _BLOCK_SIZE)
+            start += nb
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        md = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(dev), block_tables=block_tables.to(dev), query_start_loc=cu.to(dev),
+            seq_lens=seq_lens.to(dev), query_start_loc_cpu=cu, seq_lens_cpu=seq_lens,
+            max_query_len=max(lens), max_seq_len=max(lens),
+        )
+        shape = (2, total_blocks, _BLOCK_SIZE, self.num_kv_heads, self.head_dim)
+        grad = torch.is_grad_enabled()
+        # Written in place by each layer: under autograd it must not be a leaf.
+        kv = [
+            torch.zeros(shape, dtype=self.dtype, device=dev, requires_grad=grad).clone() if grad
+            else torch.zeros(shape, dtype=self.dtype, device=dev)
+            for _ in range(self.num_layers)
+        ]
+        ids = torch.tensor([t for s in sequences for t in s], dtype=torch.int64, device=dev)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        with set_forward_context(ForwardContext(md, kv, self.backend, self.ops)):
+            return torch.func.functional_call(self.model, params, (ids, positions), strict=False)
+
+    def token_logprobs(
+        self, hf_params: Mapping[str, torch.Tensor], sequences: Sequence[Sequence[int]],
+        prompt_lens: Sequence[int], temperature: float = 1.0,
+    ) -> list[torch.Tensor]:
+        """For each sequence ``s`` with prompt length ``p``: fp32 ``logprob(s[i] | s[:i])`` for
+        ``i in range(p, len(s))`` under ``log_softmax(logits / temperature)``, differentiable
+        w.r.t. the trainer's parameters: bitwise what ``LLM(batch_invariant=True)`` returns
+        while generating those tokens ("raw" logprobs at temperature 1, "scaled" at the
+        sampling temperature; "processed" too when no filter truncated the distribution)
+        and what its ``score()`` returns."""
+        _check(sequences, prompt_lens, temperature)
+        params = self.engine_params(hf_params)
+        hidden = self.hidden_states(params, sequences)
+        rows, targets, starts = [], [], [0]
+        offset = 0
+        for s, p in zip(sequences, prompt_lens):
+            n = len(s)
+            rows.append(torch.arange(offset + p - 1, offset + n - 1))
+            targets.extend(s[p:])
+            starts.append(starts[-1] + n - p)
+            offset += n
+        idx = torch.cat(rows).to(self.device)
+        logits = self.logits(params, hidden[idx]).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logprobs = self.ops.log_softmax(logits)
+        tok = logprobs.gather(-1, torch.tensor(targets, device=self.device)[:, None]).squeeze(-1)
+        return [tok[starts[i] : starts[i + 1]] for i in range(len(sequences))]
+
+    def logits(self, params: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        """The engine's ``compute_logits`` over ``hidden`` [rows, hidden] with ``params``."""
+        head = {n[len("lm_head."):]: t for n, t in params.items() if n.startswith("lm_head.")}
+        if not head:  # tied: the head's weight is the embedding's
+            head = {"weight": params["model.embed_tokens.weight"]}
+        with set_forward_context(ForwardContext(None, [], self.backend, self.ops)):
+            return torch.func.functional_call(self.model.lm_head, head, (hidden,))
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An FSDP2 DTensor gathered (differentiably); anything else as is."""
+    if t is not None and hasattr(t, "full_tensor"):
+        return t.full_tensor()
+    return t
+
+
+def _check(sequences: Any, prompt_lens: Any, temperature: Any) -> None:
+    if not isinstance(sequences, (list, tuple)) or not sequences or not all(
+        isinstance(s, (list, tuple)) and s and all(isinstance(t, int) for t in s) for s in sequences
+    ):
+        raise InvalidRequestError("sequences", sequences, "a non-empty list of non-empty token-id lists")
+    if not isinstance(prompt_lens, (list, tuple)) or len(prompt_lens) != len(sequences) or not all(
+        isinstance(p, int) and 1 <= p <= len(s) for p, s in zip(prompt_lens, sequences)
+    ):
+        raise InvalidRequestError("prompt_lens", prompt_lens, "one int in [1, len(sequence)] per sequence")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise InvalidRequestError("temperature", temperature, "a float > 0")
