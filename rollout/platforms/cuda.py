@@ -46,6 +46,11 @@ class CudaPlatform(Platform):
     def ops_backend(self) -> str:
         return "triton" if _has_triton() else "torch"
 
+    def invariant_backends(self) -> tuple[str, str]:
+        # Fixed-tiling Triton kernels (rollout.kernels.triton_invariant); the per-token torch
+        # ones without triton.
+        return ("triton_invariant", "triton_invariant") if _has_triton() else ("torch_invariant", "torch_invariant")
+
     def synchronize(self, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
