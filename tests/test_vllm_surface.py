@@ -112,6 +112,13 @@ def test_skip_tokenizer_init(a_dir, a_out):
         make_llm(a_dir, skip_tokenizer_init=True, tokenizer=str(a_dir))
 
 
+def test_kv_cache_sized_by_memory_stops_at_what_the_sequences_can_use(a_dir):
+    """TRL passes no block count: a memory budget (2 GiB on CPU) must not become 250k blocks
+    of a tiny model, re-allocated at every wake."""
+    llm = LLM(str(a_dir), dtype="float32", max_num_seqs=4, max_model_len=64, gpu_memory_utilization=0.3)
+    assert llm.stats().num_kv_blocks == 4 * -(-(64 + 1) // 16)
+
+
 # ---- 2. llm_engine: where frameworks push weights ------------------------------------
 def test_llm_engine_paths_load_weights_transactionally(a_dir, sd_a, sd_b, a_out, b_out):
     llm = make_llm(a_dir)
@@ -250,6 +257,8 @@ ALIAS_PATHS = (
     "from vllm import AsyncLLMEngine, AsyncEngineArgs\n"
     "from vllm.v1.engine.async_llm import AsyncLLM\n"
     "from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs\n"
+    "from vllm.utils.network_utils import get_ip\n"
+    "from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine\n"
 )
 
 
@@ -301,6 +310,14 @@ def test_alias_refuses_to_shadow_a_real_vllm_silently(tmp_path):
         "try:\n    install_vllm_alias(override=True)\nexcept VllmAliasError:\n    print('refused')\n" % str(tmp_path)
     )
     assert imported.stdout.strip() == "refused", imported.stderr
+
+
+def test_server_mode_names_import_and_refuse():
+    from rollout.compat.server_mode import NCCLWeightTransferEngine, get_ip
+
+    assert isinstance(get_ip(), str)
+    with pytest.raises(NotImplementedError, match="server mode"):
+        NCCLWeightTransferEngine()
 
 
 def test_alias_not_active_in_this_session():

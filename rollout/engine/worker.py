@@ -85,7 +85,11 @@ class Worker:
         self.is_shut_down = False
 
     def _num_kv_blocks(self) -> int:
-        num = kv_blocks_for(self.config.cache, self.runner, self.platform, self.device)
+        # Sized by memory, never more than max_num_seqs full-length sequences can use at once:
+        # on a CPU with a 2 GiB budget a small model would otherwise take (and, asleep,
+        # re-allocate) far more than it can ever hold.
+        full = self.config.scheduler.max_num_seqs * self.runner.max_blocks_per_req
+        num = kv_blocks_for(self.config.cache, self.runner, self.platform, self.device, max_blocks=full)
         if self.parallel is not None:  # the ranks of a TP group must schedule alike
             num = min_over_group(num, self.parallel.tp_group, self.device)
         return num
@@ -229,10 +233,13 @@ class Worker:
         logger.debug("worker released its memory in %.3fs", time.perf_counter() - t0)
 
 
-def kv_blocks_for(cache: CacheConfig, runner: ModelRunner, platform: Platform, device: Any) -> int:
+def kv_blocks_for(
+    cache: CacheConfig, runner: ModelRunner, platform: Platform, device: Any, max_blocks: int | None = None,
+) -> int:
     """How many KV blocks ``cache`` asks for: ``num_kv_blocks``, or what fits in
     ``kv_cache_memory_bytes``, or in the platform's budget (``gpu_memory_utilization`` of
-    the device, after a profile run of the largest step where the platform asks for one)."""
+    the device, after a profile run of the largest step where the platform asks for one);
+    a size from memory is capped at ``max_blocks``."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
     per_block = runner.kv_bytes_per_block()
@@ -244,6 +251,8 @@ def kv_blocks_for(cache: CacheConfig, runner: ModelRunner, platform: Platform, d
             runner.profile_run()
         budget = platform.kv_cache_budget(device, cache.gpu_memory_utilization)
     num = int(budget // per_block)
+    if max_blocks is not None:
+        num = min(num, max_blocks)
     if num < 1:
         raise MemoryError(
             f"no room for the KV cache: {budget} bytes available, one block needs {per_block};"

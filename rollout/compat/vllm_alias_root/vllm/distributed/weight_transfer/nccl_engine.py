@@ -1,0 +1,1 @@
+from rollout.compat.server_mode import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine  # noqa: F401
