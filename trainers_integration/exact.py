@@ -70,7 +70,9 @@ class ExactForward:
         dev = device if device is not None else (p.device if p.device.type != "meta" else "cpu")
         if getattr(p, "device_mesh", None) is not None:  # an FSDP2 DTensor
             dev = device or p.to_local().device
-        return cls(module.config, dtype=p.dtype, device=dev)
+        # Configs built in memory (from a GGUF file, say) may not record it; the class does.
+        archs = getattr(module.config, "architectures", None) or [type(module).__name__]
+        return cls(module.config, dtype=p.dtype, device=dev, architectures=archs)
 
     def _materialize_buffers(self) -> None:
         # Buffers are computed, not loaded (the rotary cos/sin cache): rebuild them on the device.

@@ -7,19 +7,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainers_integration.exact import ExactForward
 from trainers_integration.mismatch import mismatch_metrics
 
 
 def sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], micro_batch: int, grad: bool,
-                      hidden: bool = False):
+                      hidden: bool = False, exact: ExactForward | None = None):
     """Per sequence, the trainer's logprobs (temperature 1) of its completion tokens:
     ``seqs`` holds (prompt_ids, completion_ids). Yields (first index, [B, T] logprobs, [B, T]
     mask) per micro-batch, T the longest completion of the micro-batch; with ``hidden``
     also the [B, T, H] last hidden states at the positions that predicted each token (what
-    a value head reads)."""
+    a value head reads). With ``exact`` (an ``ExactForward`` of ``model``) the logprobs come
+    from rollout's batch-invariant forward over the model's weights: bitwise the logprobs of
+    an engine built with ``batch_invariant=True``."""
     device = next(model.parameters()).device
     for lo in range(0, len(seqs), micro_batch):
         chunk = seqs[lo : lo + micro_batch]
+        if exact is not None:
+            if hidden:
+                raise ValueError("hidden states are not available from the exact forward")
+            with torch.set_grad_enabled(grad):
+                lps = exact.token_logprobs(dict(model.named_parameters()), [p + c for p, c in chunk],
+                                           [len(p) for p, _ in chunk])
+            num_c = max(len(c) for _, c in chunk)
+            mask = torch.zeros(len(chunk), num_c, device=device)
+            for i, (_, c) in enumerate(chunk):
+                mask[i, : len(c)] = 1
+            yield lo, torch.stack([F.pad(lp, (0, num_c - lp.shape[0])) for lp in lps]), mask
+            continue
         lens = [len(p) + len(c) for p, c in chunk]
         width = max(lens)
         ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from examples.common.arith_task import chat_prompts, make_problems, reward
 from examples.common.smollm2 import load_smollm2
 from examples.common.trainer_logprobs import sequence_logprobs
+from trainers_integration.exact import ExactForward
 from rollout import LLM, SamplingParams
 from rollout.distributed import dp_rank_and_size, split_for_dp
 from trainers_integration import iter_hf_weights, rollout_phase
@@ -53,6 +54,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default=None, help="cpu (gloo) or cuda (NCCL, cuda:LOCAL_RANK); default: cuda if there is one")
     p.add_argument("--engine-dtype", type=str, default="auto", help="auto: the trainer's fp32; bfloat16 is faster, with a larger mismatch")
     p.add_argument("--num-kv-blocks", type=int, default=512, help="engine KV cache, blocks of 16 tokens")
+    p.add_argument("--exact", action="store_true",
+                   help="exact on-policy mode: a batch-invariant engine and the trainer's logprobs from rollout's "
+                        "own forward (trainers_integration.exact), so training/rollout_probs_diff_max is 0")
     p.add_argument("--sleep-level", type=int, default=2, choices=(1, 2),
                    help="2: the sleeping engine keeps no copy of its weights (every step loads all of them anyway)")
     return p
@@ -104,8 +108,11 @@ class RLWorker:
 
         # TP=1: every rank is its own data-parallel replica (llm.parallel is None). The engine
         # sleeps from the start: each step's cycle wakes it and loads the trainer's weights.
+        exact = getattr(args, "exact", False)
         self.llm = LLM(self.model, tokenizer=self.tok, dtype=args.engine_dtype, device=self.device, max_model_len=512,
-                       num_kv_blocks=args.num_kv_blocks, seed=args.seed + self.rank)
+                       num_kv_blocks=args.num_kv_blocks, seed=args.seed + self.rank, batch_invariant=exact)
+        #: The trainer's forward in exact mode (rollout's model code and kernels on its weights).
+        self.exact = ExactForward.for_module(self.model) if exact else None
         self.llm.sleep(args.sleep_level)
         _, self.dp_size = dp_rank_and_size(self.llm.parallel)
         self.params = SamplingParams(n=args.group_size, temperature=1.0, max_tokens=args.max_tokens, logprobs=0)
@@ -151,7 +158,7 @@ class RLWorker:
             check = batch.seqs[:2]  # the engine scores a couple of sequences under the synced weights
             engine_lp = self.llm.score([p + c for p, c in check], prompt_lens=[len(p) for p, _ in check])
         # After the sync the engine scores like the trainer's forward on the same tokens.
-        _, trainer_lp, _ = next(sequence_logprobs(self.model, check, len(check), grad=False))
+        _, trainer_lp, _ = next(sequence_logprobs(self.model, check, len(check), grad=False, exact=self.exact))
         batch.metrics = {
             "timing/rollout_s": rollout_s, "rollout/tokens_per_s": batch.num_tokens / rollout_s,
             "rollout/num_tokens": batch.num_tokens,

@@ -54,7 +54,7 @@ class GRPOWorker(RLWorker):
         ref_lps = {}
         if self.ref is not None:
             ref_lps = {lo: lp for lo, lp, _ in sequence_logprobs(self.ref, batch.seqs, args.micro_batch, grad=False)}
-        for lo, lp, mask in sequence_logprobs(model, batch.seqs, args.micro_batch, grad=True):
+        for lo, lp, mask in sequence_logprobs(model, batch.seqs, args.micro_batch, grad=True, exact=self.exact):
             rows = slice(lo, lo + lp.shape[0])
             old = padded(batch.old_logprobs[rows], lp.shape[1], self.device)
             a = adv[rows, None]

@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    run_torchrun(PPOWorker, build_parser().parse_args(), "ppo")
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.exact:  # the value head reads HF's hidden states, which the exact forward does not give
+        parser.error("--exact is GRPO's for now: PPO's value head needs the HF forward's hidden states")
+    run_torchrun(PPOWorker, args, "ppo")
 
 
 if __name__ == "__main__":
