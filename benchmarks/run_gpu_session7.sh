@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 7 GPU checks of exact on-policy mode and the penalties, in two calls.
-#   part 1: kernel invariance at real shapes, the GPU test files, rollout-bench exact
+#   part 1: kernel invariance at real shapes, the GPU test files, benchmarks/exact_mode.py
 #   part 2: decode-step and nano-bench in fast vs exact mode, the GRPO example --exact
 # Results under $OUT (the device tool brings them back).
 set -uo pipefail
@@ -12,7 +12,7 @@ if [ "$part" = 1 ]; then
   timeout 170 python -m tests.gpu.check_invariant 2>&1 | tail -60 | tee "$OUT/check_invariant.txt"
   timeout 240 python -m pytest -q -x -p no:cacheprovider tests/test_triton_invariant.py tests/test_penalties.py \
     tests/test_exact_mode.py -k "not tp2 and not fsdp2" 2>&1 | tail -25 | tee "$OUT/pytest.txt"
-  timeout 170 python -m rollout.bench.cli exact --model qwen2.5-1.5b --out "$OUT/exact-qwen2.5-1.5b.json" 2>&1 | tail -8
+  timeout 170 python benchmarks/exact_mode.py --model qwen2.5-1.5b --out "$OUT/exact-qwen2.5-1.5b.json" 2>&1 | tail -8
 else
   for mode in "" "--batch-invariant"; do
     tag=${mode:+-exact}

