@@ -1,8 +1,8 @@
 """rollout: a rollout engine for RL post-training, embedded in every training rank."""
 
 from rollout.entrypoints.llm import LLM
-from rollout.outputs import CompletionOutput, Logprob, RequestOutput
+from rollout.outputs import CompletionOutput, Logprob, RequestOutput, SamplingMask
 from rollout.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind", "SamplingMask"]
 __version__ = "0.1.0"

@@ -14,6 +14,40 @@ class Logprob:
     decoded_token: str | None = None
 
 
+# SamplingMask.kept_token_ids is given up to this many kept tokens (else None).
+MAX_KEPT_IDS = 64
+
+
+@dataclass(frozen=True)
+class SamplingMask:
+    """Which tokens one generated token was sampled among (``SamplingParams.return_sampling_mask``).
+
+    ``num_kept``: the tokens left after temperature, min-p, top-k, top-p and banned tokens
+    (stop tokens before ``min_tokens``). ``min_kept_logit``: the smallest fp32
+    temperature-scaled logit (``logits.float() / temperature``) among them.
+    ``kept_token_ids``: those tokens, most likely first, when ``num_kept <= MAX_KEPT_IDS``
+    (64), else None.
+
+    A trainer replays the truncation on its own logits of that position, scaled by the same
+    temperature: keep exactly ``kept_token_ids`` when given, else every token whose scaled
+    logit is ``>= min_kept_logit``, and set the rest to ``-inf`` before the softmax. The
+    threshold set equals the engine's except (a) for exact ties at top-p's boundary, where
+    the engine kept only some of the tied tokens (the threshold set is then larger than
+    ``num_kept``, which tells), and (b) for banned stop tokens (``min_tokens``) scoring
+    above the threshold, which the trainer removes itself. The logits must be the engine's
+    for the threshold to mean the same; in exact mode (``LLM(batch_invariant=True)``) they
+    are bitwise, and ``trainers_integration.exact.ExactForward.token_logprobs(...,
+    sampling_masks=...)`` does all of this.
+
+    A greedy row (``temperature=0``) was sampled from its maximum: ``num_kept`` is 1 (more
+    on an exact tie), ``min_kept_logit`` the untempered maximal logit.
+    """
+
+    num_kept: int
+    min_kept_logit: float
+    kept_token_ids: list[int] | None
+
+
 # Per generated (or prompt) position: token id -> Logprob.
 SampleLogprobs = list[dict[int, Logprob]]
 PromptLogprobs = list[dict[int, Logprob] | None]
@@ -34,6 +68,10 @@ class CompletionOutput:
     a request that lived through ``pause()``/``update_weights()``/``resume()`` carries
     tokens of two versions, which off-policy trainers can correct for.
 
+    ``sampling_masks[i]`` (when ``SamplingParams.return_sampling_mask``) says which tokens
+    ``token_ids[i]`` was sampled among: what a trainer needs to apply the same top-k /
+    top-p / min-p truncation to its own logits (see ``SamplingMask``).
+
     In a streamed output (``RequestOutputKind.DELTA``) the lists hold only the new tokens,
     ``text`` only the new text, and ``cumulative_logprob`` still sums all tokens so far.
     """
@@ -47,6 +85,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     cumulative_logprob: float | None = None
     token_weight_versions: list[int] = field(default_factory=list)
+    sampling_masks: list[SamplingMask] | None = None
 
     @property
     def finished(self) -> bool:

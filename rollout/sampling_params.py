@@ -87,6 +87,13 @@ class SamplingParams:
     time it was generated. They change the distribution sampled from, so they count in the
     "processed" logprobs (not in "scaled" or "raw").
 
+    ``return_sampling_mask=True`` fills ``CompletionOutput.sampling_masks``: per generated
+    token a ``SamplingMask`` (``rollout.outputs``) telling which tokens the truncation
+    (temperature, min-p, top-k, top-p, banned tokens) kept, so a trainer can apply the same
+    truncation to its own logits (truncation replay) instead of the full softmax. It is
+    refused with penalties: the mask is stated over the temperature-scaled logits, and
+    penalties change which tokens survive in a way a trainer would have to replay too.
+
     ``logprobs_mode=None`` (the default) takes the engine's: ``LLM(logprobs_mode=...)``,
     "processed" unless set there. ``structured_outputs`` is accepted as a name only:
     anything but None raises ``UnsupportedFeatureError``.
@@ -113,6 +120,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    return_sampling_mask: bool = False
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
@@ -165,7 +173,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise bad(name, f"None or an int in [0, {MAX_LOGPROBS}]")
-        for name in ("ignore_eos", "skip_special_tokens", "detokenize", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "detokenize", "include_stop_str_in_output",
+                     "return_sampling_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")
         if self.stop and not self.detokenize:
@@ -177,6 +186,13 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not _is_real(getattr(self, name)) or abs(getattr(self, name)) > MAX_ABS_PENALTY:
                 raise bad(name, f"a float in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}] (0.0: off)")
+        if self.return_sampling_mask and self.has_penalties:
+            raise InvalidRequestError(
+                "SamplingParams.return_sampling_mask", True,
+                "False while repetition_penalty, presence_penalty or frequency_penalty is set",
+                "a sampling mask is stated over the temperature-scaled logits; penalties change which tokens "
+                "survive in a way a trainer would have to replay too",
+            )
         if self.structured_outputs is not None:
             raise UnsupportedFeatureError(
                 f"SamplingParams.structured_outputs={self.structured_outputs!r}: rollout does not constrain "
