@@ -158,12 +158,16 @@ class LLMEngine:
                            [r.req_id for r in errored][:10])
         advanced, _ = self.scheduler.update(sched, dict(zip(run.req_ids, run.sampled_token_ids)))
         lp_of = dict(zip(run.req_ids, run.logprobs))
+        mask_of = dict(zip(run.req_ids, run.sampling_masks))
         stopped = []
         for req in advanced:
             req.output_weight_versions.append(self.weight_version)
             lp = lp_of[req.req_id]
             if lp is not None:
                 req.output_logprobs.append(lp)
+            mask = mask_of[req.req_id]
+            if mask is not None:
+                req.output_sampling_masks.append(mask)
             # As in vLLM, the text of a stop token (EOS, stop_token_ids) is left out.
             if req.status == RequestStatus.FINISHED_STOPPED and not req.sampling_params.include_stop_str_in_output:
                 continue

@@ -23,6 +23,7 @@ from rollout.models.backends import AttentionMetadata, BackendLimits, create_att
 from rollout.models.forward_context import ForwardContext, set_forward_context
 from rollout.memory.arena import Arena
 from rollout.config import EngineConfig
+from rollout.outputs import SamplingMask
 from rollout.platforms import Platform
 
 
@@ -65,11 +66,11 @@ class ModelRunner:
 
     def _max_step_bytes(self, max_num_batched_tokens: int) -> int:
         """An upper bound of what ``Staging.send`` carries in one step (see _prepare_inputs
-        and _sampling_metadata): per token 4 int64, per row 13 int64/fp32 (8 without
-        penalties) and a block-table row, plus alignment."""
+        and _sampling_metadata): per token 4 int64, per row 14 int64/fp32 (8 without
+        penalties and sampling masks) and a block-table row, plus alignment."""
         tokens = max(max_num_batched_tokens, self.batch.max_num_seqs)
         rows = self.batch.max_num_seqs
-        return 8 * 4 * tokens + 8 * 13 * (rows + 1) + 4 * rows * self.max_blocks_per_req + 16 * 16
+        return 8 * 4 * tokens + 8 * 14 * (rows + 1) + 4 * rows * self.max_blocks_per_req + 16 * 16
 
     # ---- KV cache --------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -118,7 +119,7 @@ class ModelRunner:
             temperature=torch.ones(num_rows, **f32), top_k=torch.full((num_rows,), 50, dtype=torch.int64, device=dev),
             top_p=torch.full((num_rows,), 0.9, **f32), min_p=torch.full((num_rows,), 0.05, **f32),
             generators={}, default_generator=self.generator, all_greedy=False, max_num_logprobs=1,
-            banned_token_ids={},
+            banned_token_ids={}, mask_rows=torch.arange(num_rows, device=dev),
         )
         self.sampler(logits, md_s)
         self.platform.synchronize(self.device)
@@ -186,15 +187,18 @@ class ModelRunner:
         want_lp = smd.max_num_logprobs is not None
         # The sampled logprobs always come back (a float a row): NaN or inf anywhere in a row's
         # logits makes its log-normaliser, so its sampled logprob, non-finite.
+        masks = out.masks
         copies = SampledCopies(*(None if t is None else t.to("cpu", non_blocking=True) for t in (
             out.sampled_token_ids,
             out.sampled_logprobs, out.sampled_ranks if want_lp else None,
             out.topk_token_ids if want_lp else None, out.topk_logprobs if want_lp else None,
+            *((masks.num_kept, masks.min_kept, masks.top_ids) if masks is not None else (None, None, None)),
         )))
         return StepHandle(
             req_ids, copies, self.platform.record_step_done(self.device), want_lp,
             [b.states[r].params.logprobs for r in row_list] if want_lp else [], prompt_lp,
             done_idx, done_rows, done_pos, b.row_gen_cpu[done_rows].clone(),
+            sampling_host["mask_rows"].tolist() if "mask_rows" in sampling_host else [],
         )
 
     def finish(self, handle: StepHandle) -> ModelRunnerOutput:
@@ -224,7 +228,9 @@ class ModelRunner:
                 vals = top_lp[i][:k] if top_lp else []
                 keep = [j for j, v in enumerate(vals) if v != float("-inf")]
                 logprobs[i] = TokenLogprobs(lp[i], ranks[i], [ids[j] for j in keep], [vals[j] for j in keep])
-        return ModelRunnerOutput(handle.req_ids, sampled, logprobs, handle.prompt_logprobs, nonfinite)
+        return ModelRunnerOutput(
+            handle.req_ids, sampled, logprobs, handle.prompt_logprobs, nonfinite, _sampling_masks(handle),
+        )
 
     def _use_graphs(self, rows: torch.Tensor, md: AttentionMetadata) -> bool:
         """Replay a graph for steps of single-token requests none of which needs the hidden
@@ -309,6 +315,10 @@ class ModelRunner:
         if any(modes):
             send["logprobs_mode"] = torch.tensor(modes, dtype=torch.int64)
         send.update(self.penalties.host_inputs(rows, params, completes))  # {} when no row has any
+        # Sampling masks only for samples that are kept (a prefill chunk's is thrown away).
+        mask_rows = [i for i, (p, c) in enumerate(zip(params, completes)) if p.return_sampling_mask and c]
+        if mask_rows:
+            send["mask_rows"] = torch.tensor(mask_rows, dtype=torch.int64)  # [m]
         banned = {}
         for i, (r, s) in enumerate(zip(rows, states)):
             if s.params.min_tokens and s.stop_token_ids:  # cheap test first: a tensor read is not
@@ -333,7 +343,7 @@ class ModelRunner:
 
     def _fill_sampling_metadata(self, md: SamplingMetadata, dev: dict[str, torch.Tensor]) -> None:
         md.temperature = dev["temperature"]
-        for name in ("top_k", "top_p", "min_p", "logprobs_mode"):
+        for name in ("top_k", "top_p", "min_p", "logprobs_mode", "mask_rows"):
             setattr(md, name, dev.get(name))
         md.penalties = self.penalties.metadata(dev)
 
@@ -372,3 +382,16 @@ class ModelRunner:
                 for j, (v, rk) in enumerate(zip(tok_lp.tolist(), ranks.tolist()))
             ]
             out[req_ids[i]] = PromptLogprobsChunk(int(pos[keep][0]), entries)
+
+
+def _sampling_masks(handle: StepHandle) -> list[SamplingMask | None]:
+    """Per row of the step, its SamplingMask (None for rows that did not ask)."""
+    masks: list[SamplingMask | None] = [None] * len(handle.req_ids)
+    if not handle.mask_rows:
+        return masks
+    c = handle.sampled
+    for i, num_kept, min_kept, top_ids in zip(
+        handle.mask_rows, c.mask_num_kept.tolist(), c.mask_min_kept.tolist(), c.mask_top_ids.tolist(),
+    ):
+        masks[i] = SamplingMask(num_kept, min_kept, top_ids[:num_kept] if num_kept <= len(top_ids) else None)
+    return masks

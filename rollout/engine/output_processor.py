@@ -154,6 +154,8 @@ class OutputProcessor:
                 out.token_logprobs = [e.logprob for e in req.output_logprobs[lo:]]
                 out.logprobs = c.logprob_dicts[lo:]
                 out.cumulative_logprob = c.cumulative_logprob
+            if state.params.return_sampling_mask:
+                out.sampling_masks = req.output_sampling_masks[lo:]
             c.num_sent_tokens, c.num_sent_chars = req.num_output_tokens, len(text)
             outputs.append(out)
         return RequestOutput(

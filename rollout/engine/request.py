@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rollout.outputs import SamplingMask
 from rollout.sampling_params import SamplingParams
 
 
@@ -81,6 +82,8 @@ class Request:
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # One per output token, when SamplingParams.return_sampling_mask (kept through preemption).
+    output_sampling_masks: list[SamplingMask] = field(default_factory=list)
     # Prompt logprobs, one entry per prompt token after the first (when requested).
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0

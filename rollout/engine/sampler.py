@@ -12,6 +12,11 @@ penalty, as vLLM's ``raw_*`` modes and as ``SamplingParams`` documents. The pena
 each row's token history; ``PenaltyMetadata`` points at the device tables that hold it
 (``engine.penalties.PenaltyState``) and the op set's ``apply_penalties`` applies them.
 
+Rows that ask for a sampling mask (``SamplingParams.return_sampling_mask``) get, from the
+processed logits, their kept-token count, smallest kept logit and top ``MAX_KEPT_IDS``
+ids (a greedy row: its maximal logits only), all on the device: what the trainer needs to
+replay the truncation (``rollout.outputs.SamplingMask``).
+
 Random rows sample with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``
 (equivalent to Gumbel-max). A seeded row draws its ``q`` from its own generator only, so
 its samples do not depend on the rest of the batch; the global RNG is never used.
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from rollout.kernels.penalties import apply_penalties_ref
+from rollout.outputs import MAX_KEPT_IDS
 from rollout.sampling_params import GREEDY_EPS as _GREEDY_EPS
 
 # SamplingParams.logprobs_mode -> the id SamplingMetadata.logprobs_mode carries.
@@ -61,6 +67,17 @@ class SamplingMetadata:
     noise_seed: int | None = None
     # The step's penalised rows; None: no row of the step has penalties.
     penalties: PenaltyMetadata | None = None
+    # [m] int64: the rows that asked for a sampling mask; None: no row did (nothing computed).
+    mask_rows: torch.Tensor | None = None
+
+
+@dataclass
+class MaskTensors:
+    """The sampling masks of ``SamplingMetadata.mask_rows``, on the device."""
+
+    num_kept: torch.Tensor  # [m] int64: finite processed logits
+    min_kept: torch.Tensor  # [m] fp32: the smallest of them
+    top_ids: torch.Tensor  # [m, min(MAX_KEPT_IDS, vocab)] int64, most likely first
 
 
 @dataclass
@@ -70,6 +87,7 @@ class SamplerOutput:
     sampled_ranks: torch.Tensor | None  # [num_reqs] int64, 1 = most likely; None: not asked for
     topk_token_ids: torch.Tensor | None  # [num_reqs, k] int64, most likely first
     topk_logprobs: torch.Tensor | None  # [num_reqs, k] fp32; -inf entries are masked tokens
+    masks: MaskTensors | None = None  # for SamplingMetadata.mask_rows; None when no row asked
 
 
 def gather_logprobs(
@@ -195,7 +213,8 @@ class Sampler:
             logprobs = _logprobs_by_mode(logprobs, raw_logits, greedy, md)
         k = md.max_num_logprobs or 0
         token_logprobs, ranks, topk_ids, topk_logprobs = gather_logprobs(logprobs, sampled, k)
-        return SamplerOutput(sampled, token_logprobs, ranks, topk_ids, topk_logprobs)
+        masks = None if md.mask_rows is None else _sampling_masks(logits, greedy, md.mask_rows)
+        return SamplerOutput(sampled, token_logprobs, ranks, topk_ids, topk_logprobs, masks)
 
     def _penalise(self, logits: torch.Tensor, pen: PenaltyMetadata | None) -> None:
         """Penalties on the penalised rows of the fp32 copy ``logits``, in place."""
@@ -213,8 +232,20 @@ def _rank_tokens(logits: torch.Tensor, temperature: torch.Tensor, token_ids: tor
 def _fusable(md: SamplingMetadata) -> bool:
     return (
         md.top_k is None and md.top_p is None and md.min_p is None
-        and md.logprobs_mode is None and not md.max_num_logprobs
+        and md.logprobs_mode is None and not md.max_num_logprobs and md.mask_rows is None
     )
+
+
+def _sampling_masks(processed: torch.Tensor, greedy: torch.Tensor, rows: torch.Tensor) -> MaskTensors:
+    """The kept set of ``rows`` of the processed logits [num_reqs, vocab] (masked: -inf),
+    without a host sync. A greedy row keeps only its maximal logits (what argmax drew from)."""
+    kept = processed[rows]  # [m, vocab] fp32
+    top = kept.amax(-1, keepdim=True)  # [m, 1]
+    kept = torch.where(greedy[rows][:, None] & (kept != top), float("-inf"), kept)
+    finite = kept.isfinite()  # [m, vocab]
+    min_kept = kept.masked_fill(~finite, float("inf")).amin(-1)  # [m]
+    top_ids = kept.topk(min(MAX_KEPT_IDS, kept.shape[-1]), dim=-1).indices  # [m, k]
+    return MaskTensors(finite.sum(-1), min_kept, top_ids)
 
 
 def _logprobs_by_mode(

@@ -11,6 +11,7 @@ import torch
 
 from rollout.engine.request import TokenLogprobs
 from rollout.models.backends import AttentionMetadata
+from rollout.outputs import SamplingMask
 
 
 @dataclass
@@ -56,6 +57,11 @@ class SampledCopies:
     ranks: torch.Tensor | None  # [num_reqs] int64; None unless a row asked for logprobs
     topk_ids: torch.Tensor | None  # [num_reqs, k] int64
     topk_logprobs: torch.Tensor | None  # [num_reqs, k] fp32
+    # Sampling masks of StepHandle.mask_rows (None when no row asked): kept count, smallest
+    # kept logit, the top ids.
+    mask_num_kept: torch.Tensor | None = None  # [m] int64
+    mask_min_kept: torch.Tensor | None = None  # [m] fp32
+    mask_top_ids: torch.Tensor | None = None  # [m, min(MAX_KEPT_IDS, vocab)] int64
 
 
 @dataclass
@@ -72,6 +78,7 @@ class StepHandle:
     done_rows: torch.Tensor  # [num_done] their req_idx
     done_pos: torch.Tensor  # [num_done] the position their token takes
     done_gens: torch.Tensor  # [num_done] InputBatch.row_gen_cpu at launch
+    mask_rows: list[int] = field(default_factory=list)  # rows of this step with a sampling mask
 
 
 @dataclass
@@ -85,3 +92,5 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)
     # Requests whose kept sample has a NaN/inf logprob: their logits were not finite.
     nonfinite_req_ids: list[str] = field(default_factory=list)
+    # Per request (same order), when that request asked for sampling masks (else None).
+    sampling_masks: list[SamplingMask | None] = field(default_factory=list)
