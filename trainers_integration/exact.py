@@ -30,6 +30,7 @@ from rollout.models.forward_context import ForwardContext, set_forward_context
 from rollout.models.layers.rotary import RotaryEmbedding
 from rollout.models.loader import build_model
 from rollout.models.weights import WeightMap
+from rollout.outputs import SamplingMask
 from rollout.platforms import get_platform
 
 _BLOCK_SIZE = 16
@@ -61,6 +62,7 @@ class ExactForward:
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.num_layers = cfg.num_hidden_layers
+        self.vocab_size = cfg.vocab_size
 
     @classmethod
     def for_module(cls, module: nn.Module, device: str | torch.device | None = None) -> ExactForward:
@@ -148,14 +150,24 @@ class ExactForward:
     def token_logprobs(
         self, hf_params: Mapping[str, torch.Tensor], sequences: Sequence[Sequence[int]],
         prompt_lens: Sequence[int], temperature: float = 1.0,
+        sampling_masks: Sequence[Sequence[SamplingMask] | None] | None = None,
     ) -> list[torch.Tensor]:
         """For each sequence ``s`` with prompt length ``p``: fp32 ``logprob(s[i] | s[:i])`` for
         ``i in range(p, len(s))`` under ``log_softmax(logits / temperature)``, differentiable
         w.r.t. the trainer's parameters: bitwise what ``LLM(batch_invariant=True)`` returns
         while generating those tokens ("raw" logprobs at temperature 1, "scaled" at the
         sampling temperature; "processed" too when no filter truncated the distribution)
-        and what its ``score()`` returns."""
+        and what its ``score()`` returns.
+
+        ``sampling_masks`` (truncation replay): per sequence None or its
+        ``CompletionOutput.sampling_masks`` (one ``SamplingMask`` per scored token, from an
+        engine run with ``SamplingParams(return_sampling_mask=True)``). Each masked row's
+        scaled logits get ``-inf`` outside the kept set (``kept_token_ids`` when given, else
+        the scaled logits ``>= min_kept_logit``) before the log-softmax: the "processed"
+        logprobs of the top-k / top-p / min-p distribution the engine sampled from, bitwise
+        the engine's in exact mode (the same division, masking and log-softmax in fp32)."""
         _check(sequences, prompt_lens, temperature)
+        _check_masks(sampling_masks, sequences, prompt_lens, self.vocab_size)
         params = self.engine_params(hf_params)
         hidden = self.hidden_states(params, sequences)
         rows, targets, starts = [], [], [0]
@@ -169,10 +181,32 @@ class ExactForward:
         idx = torch.cat(rows).to(self.device)
         logits = self.logits(params, hidden[idx]).float()
         if temperature != 1.0:
-            logits = logits / temperature
+            # A device tensor, as the sampler's: CUDA divides by a Python scalar through its
+            # reciprocal, which is not the same rounding.
+            logits = logits / torch.full((1, 1), temperature, dtype=torch.float32, device=self.device)
+        if sampling_masks is not None:
+            logits = logits.masked_fill(~self._kept(logits.detach(), sampling_masks, starts), float("-inf"))
         logprobs = self.ops.log_softmax(logits)
         tok = logprobs.gather(-1, torch.tensor(targets, device=self.device)[:, None]).squeeze(-1)
         return [tok[starts[i] : starts[i + 1]] for i in range(len(sequences))]
+
+    def _kept(self, scaled: torch.Tensor, masks: Sequence[Sequence[SamplingMask] | None], starts: list[int]) -> torch.Tensor:
+        """[rows, vocab] bool: the tokens each row's mask keeps (every token where none)."""
+        threshold = torch.full((scaled.shape[0],), float("-inf"), dtype=torch.float32)  # [rows]: -inf keeps all
+        id_rows, id_cols = [], []
+        for seq_masks, start in zip(masks, starts):
+            for j, m in enumerate(seq_masks or ()):
+                if m.kept_token_ids is None:
+                    threshold[start + j] = m.min_kept_logit
+                else:
+                    threshold[start + j] = float("inf")  # nothing by threshold: exactly the ids
+                    id_rows.extend([start + j] * len(m.kept_token_ids))
+                    id_cols.extend(m.kept_token_ids)
+        # fp32 as the engine reported it: min_kept_logit is an fp32 value in a Python float.
+        kept = scaled >= threshold.to(self.device)[:, None]
+        if id_rows:
+            kept[torch.tensor(id_rows, device=self.device), torch.tensor(id_cols, device=self.device)] = True
+        return kept
 
     def logits(self, params: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         """The engine's ``compute_logits`` over ``hidden`` [rows, hidden] with ``params``."""
@@ -201,3 +235,21 @@ def _check(sequences: Any, prompt_lens: Any, temperature: Any) -> None:
         raise InvalidRequestError("prompt_lens", prompt_lens, "one int in [1, len(sequence)] per sequence")
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise InvalidRequestError("temperature", temperature, "a float > 0")
+
+
+def _check_masks(masks: Any, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], vocab: int) -> None:
+    if masks is None:
+        return
+    allowed = ("None, or per sequence None or a list of SamplingMask, one per scored token "
+               "(len(sequence) - prompt_len), with token ids in [0, vocab)")
+    if not isinstance(masks, (list, tuple)) or len(masks) != len(sequences):
+        raise InvalidRequestError("sampling_masks", masks, allowed)
+    for seq_masks, s, p in zip(masks, sequences, prompt_lens):
+        if seq_masks is None:
+            continue
+        if not isinstance(seq_masks, (list, tuple)) or len(seq_masks) != len(s) - p or not all(
+            isinstance(m, SamplingMask) and (m.kept_token_ids is None or all(
+                isinstance(t, int) and 0 <= t < vocab for t in m.kept_token_ids))
+            for m in seq_masks
+        ):
+            raise InvalidRequestError("sampling_masks", masks, allowed)
