@@ -107,7 +107,11 @@ def test_score_equals_the_generated_logprobs(arch, model_dirs, alone):
 
 
 def _hf(model_dir) -> torch.nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    """The trainer's model, on the device the engines run on (a GPU where there is one)."""
+    from rollout.platforms import get_platform
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.to(get_platform(None).default_device())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -144,13 +148,21 @@ def test_trainer_gradients_match_hf(arch, model_dirs):
     hf.zero_grad()
     total = 0.0
     for s, p in zip(seqs, plens):
-        logits = hf(torch.tensor([s])).logits[0, p - 1 : len(s) - 1].float()
-        total = total + torch.log_softmax(logits, -1).gather(-1, torch.tensor(s[p:])[:, None]).sum()
+        dev = next(hf.parameters()).device
+        logits = hf(torch.tensor([s], device=dev)).logits[0, p - 1 : len(s) - 1].float()
+        total = total + torch.log_softmax(logits, -1).gather(-1, torch.tensor(s[p:], device=dev)[:, None]).sum()
     total.backward()
     assert ours.item() == pytest.approx(total.item(), abs=1e-4)
     for n, p in hf.named_parameters():
         scale = p.grad.abs().max().item() + 1e-12
         assert (g_ours[n] - p.grad).abs().max().item() <= 1e-4 * scale, n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on a GPU")
+def test_cuda_graphs_and_eager_are_bitwise_equal(model_dirs, alone):
+    llm = _exact(model_dirs["llama"], enforce_eager=True)
+    assert llm.stats().cuda_graph_sizes == ()
+    assert [_result(llm.generate([p], sp)[0]) for p, sp in zip(PROMPTS, PARAMS)] == alone["llama"]
 
 
 def test_bad_trainer_inputs_are_typed(model_dirs):
