@@ -155,8 +155,9 @@ class Sampler:
     """Stateless: everything a step needs comes in ``SamplingMetadata``.
 
     ``fused_sample`` (a one-pass kernel: temperature, exponential race, logprob) takes the
-    steps where no row filters (top-k, top-p, min-p), reports another logprobs mode or asks
-    for top-k logprobs: the common RL case, with no sort and no full softmax passes.
+    steps where no row filters (top-k, top-p, min-p), reports another logprobs mode, asks
+    for top-k logprobs or for a sampling mask: the common RL case, with no sort and no full
+    softmax passes.
     """
 
     def __init__(
