@@ -9,10 +9,14 @@ part=${1:-1}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "$part" = 1 ]; then
-  timeout 170 python -m tests.gpu.check_invariant 2>&1 | tail -60 | tee "$OUT/check_invariant.txt"
-  timeout 240 python -m pytest -q -x -p no:cacheprovider tests/test_triton_invariant.py tests/test_penalties.py \
-    tests/test_exact_mode.py -k "not tp2 and not fsdp2" 2>&1 | tail -25 | tee "$OUT/pytest.txt"
-  timeout 170 python benchmarks/exact_mode.py --model qwen2.5-1.5b --out "$OUT/exact-qwen2.5-1.5b.json" 2>&1 | tail -8
+  timeout 120 python -m tests.gpu.check_invariant --quick 2>&1 | tail -60 | tee "$OUT/check_invariant.txt"
+  timeout 150 python benchmarks/exact_mode.py --model qwen2.5-1.5b --out "$OUT/exact-qwen2.5-1.5b.json" 2>&1 | tail -8
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_exact_mode.py tests/test_sampling_mask.py \
+    tests/test_triton_invariant.py tests/test_penalties.py -k "not tp2 and not fsdp2" 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+  for mode in "" "--batch-invariant"; do
+    timeout 60 python -m rollout.bench.cli decode-step --model qwen2.5-1.5b --batches 64 $mode \
+      --out "$OUT/decode-step-qwen2.5-1.5b${mode:+-exact}.json" 2>&1 | tail -4
+  done
 else
   for mode in "" "--batch-invariant"; do
     tag=${mode:+-exact}
