@@ -211,11 +211,42 @@ def _fsdp2_case(job: dict) -> dict:
     return {"sharded": sharded, "equal": lps.tolist() == out.token_logprobs, "grads_sharded": grads_sharded}
 
 
+def _zero3_case(job: dict) -> dict:
+    """ZeRO-3 partitions the parameters: the exact forward reads them inside a gather (no
+    gradient: ZeRO-3 reduces gradients through its own module hooks, which a functional
+    forward bypasses)."""
+    try:
+        import deepspeed
+    except Exception as e:  # noqa: BLE001 - any import failure means "not here"
+        return {"skipped": f"deepspeed does not import: {type(e).__name__}: {e}"}
+    from safetensors.torch import load_file
+
+    deepspeed.init_distributed(dist_backend="gloo")  # reuses the initialised process group
+    config = transformers.AutoConfig.from_pretrained(job["dir"])
+    config.pad_token_id = None  # HF's init zeroes the padding row, which a partitioned param lacks
+    with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 2}):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    sd = load_file(os.path.join(job["dir"], "model.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        if torch.distributed.get_rank() == 0:
+            for name, p in params.items():
+                p.copy_(sd[name])
+    sp = PARAMS[1]
+    out = _exact(job["dir"]).generate([PROMPTS[0]], sp)[0].outputs[0]
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(params.values())):
+        lps = ExactForward.for_module(model, device="cpu").token_logprobs(
+            params, [PROMPTS[0] + out.token_ids], [len(PROMPTS[0])], temperature=sp.temperature,
+        )[0]
+    return {"partitioned": all(p.numel() == 0 for p in model.parameters()), "equal": lps.tolist() == out.token_logprobs}
+
+
 def _rank_main(rank: int, port: int, job_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     with rank_job(rank, port, job_dir) as (job, res):
         res["tp"] = _tp_case(job)
         res["fsdp2"] = _fsdp2_case(job)
+        res["zero3"] = _zero3_case(job)
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +263,13 @@ def test_tp2_is_invariant_batch_to_batch_and_run_to_run(two_ranks):
 def test_fsdp2_trainer_forward_equals_the_engine(two_ranks):
     for res in two_ranks:
         assert res["fsdp2"] == {"sharded": True, "equal": True, "grads_sharded": True}
+
+
+def test_zero3_trainer_forward_equals_the_engine(two_ranks):
+    for res in two_ranks:
+        if "skipped" in res["zero3"]:
+            pytest.skip(res["zero3"]["skipped"])
+        assert res["zero3"] == {"partitioned": True, "equal": True}
 
 
 if __name__ == "__main__":

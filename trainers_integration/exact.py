@@ -11,9 +11,10 @@ gradients flow back into the trainer's parameters (the backward need not be inva
 The weights stay the trainer's: no copy is kept. The fused engine parameters (q/k/v,
 gate/up) are concatenated from the trainer's tensors in each forward (differentiably), in
 the layout of the engine's ``weight_loader`` (checked by the tests). FSDP2 parameters
-(DTensors) are gathered with ``full_tensor()``, which is differentiable; a DeepSpeed ZeRO-3
-module must be called inside ``deepspeed.zero.GatheredParameters(module.parameters())``
-(see ``zero3_params``).
+(DTensors) are gathered with ``full_tensor()``, which is differentiable. A DeepSpeed ZeRO-3
+module's parameters are read inside ``deepspeed.zero.GatheredParameters(module.parameters())``
+(logprobs only: ZeRO-3 reduces gradients through its own module hooks, which this functional
+forward bypasses).
 """
 
 from __future__ import annotations
