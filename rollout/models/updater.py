@@ -78,7 +78,7 @@ class WeightUpdater:
                 raise error_cls(listed_problems([f"tensor {n!r} holds NaN or inf" for n in bad]) +
                                 " (nothing was copied; check_finite=False skips this check)")
         copy_weights(targets, (t for _, t in selected()))
-        loaded = [(id(t.param), t.shard_id) for t in targets]
+        loaded = [key for t in targets for key in self.weight_map.covered_keys(t)]
         self._missing.difference_update(loaded)
         self._discarded.difference_update(loaded)
         return len(targets)

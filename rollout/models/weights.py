@@ -16,55 +16,132 @@ from torch import nn
 # HF checkpoints of older transformers versions carry these buffers; they are recomputed.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+# In a ``packed_modules_mapping`` HF fragment: any expert index of a stacked parameter (one
+# whose dim 0 is the expert, ``param.num_experts`` long). The shard id is then
+# ``(expert, shard_id)``: "model.layers.3.mlp.experts.5.up_proj.weight" is shard (5, "up")
+# of "model.layers.3.mlp.experts.w13".
+EXPERT = "{expert}"
+# A mapping entry with this shard id names one HF tensor holding every shard of the
+# parameter at once (transformers v5 modules hold experts stacked: "experts.gate_up_proj"
+# [E, 2I, H]). Checkpoints need not hold it: it covers the parameter's shards instead.
+WHOLE = "whole"
+
 
 @dataclass(frozen=True)
 class WeightTarget:
     hf_name: str
     param_name: str
     param: nn.Parameter
-    shard_id: str | int | None
+    shard_id: str | int | tuple | None
 
     @property
     def expected_shape(self) -> torch.Size:
         return self.param.hf_shape(self.shard_id)
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """One ``packed_modules_mapping`` entry: the engine fragment ``fused`` (dotted) stands
+    for the HF fragment ``hf`` (dotted, may hold ``EXPERT``) in shard ``shard_id``."""
+
+    fused: tuple[str, ...]
+    hf: tuple[str, ...]
+    shard_id: str | int
+
+    def match(self, parts: list[str], i: int) -> int | None:
+        """Whether ``parts[i:]`` starts with the HF fragment: None if not, else the expert
+        index it names (-1 for a fragment without ``EXPERT``)."""
+        if len(parts) - i < len(self.hf):
+            return None
+        expert = -1
+        for want, got in zip(self.hf, parts[i:]):
+            if want == EXPERT:
+                if not got.isdigit():
+                    return None
+                expert = int(got)
+            elif want != got:
+                return None
+        return expert
+
+    def in_name(self, name: str) -> bool:
+        return f".{'.'.join(self.fused)}." in f".{name}."
+
+    def shards(self, param: nn.Parameter) -> list:
+        if self.shard_id == WHOLE:
+            return []  # an alternative to the shards, never required
+        if EXPERT in self.hf:
+            return [(e, self.shard_id) for e in range(param.num_experts)]
+        return [self.shard_id]
+
+    def hf_name(self, name: str, shard: str | int | tuple) -> str | None:
+        """The HF name of ``shard`` of engine parameter ``name``, if this rule makes it."""
+        expert = None
+        if EXPERT in self.hf:
+            if not (isinstance(shard, tuple) and shard[1] == self.shard_id):
+                return None
+            expert = str(shard[0])
+        elif shard != self.shard_id:
+            return None
+        hf = ".".join(expert if p == EXPERT else p for p in self.hf)
+        return f".{name}.".replace(f".{'.'.join(self.fused)}.", f".{hf}.")[1:-1]
+
+
 class WeightMap:
     """Resolves HF names of one model (``packed_modules_mapping`` says which HF modules are
-    fused into which engine module, and in which shard). Tied parameters answer to both names."""
+    fused into which engine module, and in which shard: a fragment of one or more name
+    components, optionally naming an expert of a stacked parameter, see ``EXPERT``). Tied
+    parameters answer to both names."""
 
     def __init__(self, model: nn.Module) -> None:
         self._params = dict(model.named_parameters(remove_duplicate=False))
-        self._unfused: dict[str, tuple[str, str | int]] = {}
-        for fused, parts in getattr(model, "packed_modules_mapping", {}).items():
-            for hf_part, shard_id in parts:
-                self._unfused[hf_part] = (fused, shard_id)
+        self._rules = [
+            _Rule(tuple(fused.split(".")), tuple(hf_part.split(".")), shard_id)
+            for fused, parts in getattr(model, "packed_modules_mapping", {}).items()
+            for hf_part, shard_id in parts
+        ]
         # What a full checkpoint must cover: each distinct parameter, each of its shards.
-        self.required: dict[tuple[int, str | int | None], str] = {}
+        self.required: dict[tuple[int, str | int | tuple | None], str] = {}
         self._fused: set[str] = set()  # parameters that load only shard by shard
         self._num_names: dict[int, int] = {}  # id(param) -> its number of names (2 when tied)
+        self._shards: dict[int, list] = {}  # id(param) -> its required shard ids
         for name, param in self._params.items():
-            shards = self._shards_of(name)
+            shards = self._shards_of(name, param)
             if shards != [None]:
                 self._fused.add(name)
             self._num_names[id(param)] = self._num_names.get(id(param), 0) + 1
             if self._num_names[id(param)] == 1:
+                self._shards[id(param)] = shards
                 for shard in shards:
                     self.required[(id(param), shard)] = self._hf_name(name, shard)
 
     def resolve(self, hf_name: str) -> WeightTarget | None:
         """The target of ``hf_name``, or None when the model has no such weight."""
         parts = hf_name.split(".")
-        for i, part in enumerate(parts):
-            if part in self._unfused:
-                fused, shard_id = self._unfused[part]
-                name = ".".join(parts[:i] + [fused] + parts[i + 1 :])
+        for i in range(len(parts)):
+            for rule in self._rules:
+                expert = rule.match(parts, i)
+                if expert is None:
+                    continue
+                name = ".".join(parts[:i] + list(rule.fused) + parts[i + len(rule.hf) :])
                 param = self._params.get(name)
-                return None if param is None else WeightTarget(hf_name, name, param, shard_id)
+                if param is None:
+                    return None
+                if expert < 0:
+                    return WeightTarget(hf_name, name, param, rule.shard_id)
+                if expert >= param.num_experts:
+                    return None
+                return WeightTarget(hf_name, name, param, (expert, rule.shard_id))
         param = self._params.get(hf_name)
         if param is None or hf_name in self._fused:  # HF checkpoints never hold a fused tensor
             return None
         return WeightTarget(hf_name, hf_name, param, None)
+
+    def covered_keys(self, target: WeightTarget) -> list[tuple[int, str | int | tuple | None]]:
+        """The ``required`` keys a tensor for ``target`` fills: its shard, or (``WHOLE``)
+        every shard of its parameter."""
+        if target.shard_id == WHOLE:
+            return [(id(target.param), s) for s in self._shards[id(target.param)]]
+        return [(id(target.param), target.shard_id)]
 
     def is_tied(self, param: nn.Parameter) -> bool:
         return self._num_names.get(id(param), 0) > 1
@@ -73,16 +150,18 @@ class WeightMap:
     def is_ignored(hf_name: str) -> bool:
         return hf_name.endswith(_IGNORED_SUFFIXES)
 
-    def _shards_of(self, name: str) -> list[str | int | None]:
-        shards = [s for (fused, s) in self._unfused.values() if f".{fused}." in f".{name}."]
+    def _shards_of(self, name: str, param: nn.Parameter) -> list:
+        shards = [s for rule in self._rules if rule.in_name(name) for s in rule.shards(param)]
         return shards or [None]
 
-    def _hf_name(self, name: str, shard: str | int | None) -> str:
+    def _hf_name(self, name: str, shard: str | int | tuple | None) -> str:
         if shard is None:
             return name
-        for hf_part, (fused, s) in self._unfused.items():
-            if s == shard and f".{fused}." in f".{name}.":
-                return name.replace(f".{fused}.", f".{hf_part}.")
+        for rule in self._rules:
+            if rule.in_name(name):
+                hf = rule.hf_name(name, shard)
+                if hf is not None:
+                    return hf
         return name
 
 
@@ -100,7 +179,7 @@ def plan_load(
     targets: list[WeightTarget] = []
     problems: list[str] = []
     seen: set[str] = set()
-    covered: dict[tuple[int, str | int | None], WeightTarget] = {}
+    covered: dict[tuple, WeightTarget] = {}
     for hf_name, shape, dtype in named_shapes:
         if hf_name in seen:
             problems.append(f"tensor {hf_name!r} given twice")
@@ -120,17 +199,18 @@ def plan_load(
         if not dtype.is_floating_point:
             problems.append(f"tensor {hf_name!r} has dtype {dtype}, expected a floating-point dtype")
             continue
-        key = (id(target.param), target.shard_id)
-        if key in covered:
+        keys = weight_map.covered_keys(target)
+        clash = next((k for k in keys if k in covered), None)
+        if clash is not None:
             if not weight_map.is_tied(target.param):
-                problems.append(f"tensor {hf_name!r} fills the same weight as {covered[key].hf_name!r}")
+                problems.append(f"tensor {hf_name!r} fills the same weight as {covered[clash].hf_name!r}")
                 continue
             # A tied model may receive both "lm_head.weight" and the embedding: the
             # embedding's own name wins, whatever the order in the checkpoint.
-            if hf_name != weight_map.required[key]:
+            if hf_name != weight_map.required[clash]:
                 continue
-            targets.remove(covered[key])
-        covered[key] = target
+            targets.remove(covered[clash])
+        covered.update((k, target) for k in keys)
         targets.append(target)
     if require_all:
         missing = [name for key, name in weight_map.required.items() if key not in covered]
