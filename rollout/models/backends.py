@@ -20,6 +20,7 @@ from rollout.kernels.activation import silu_and_mul_ref
 from rollout.kernels.attention import paged_attention_ref, paged_attention_sdpa, paged_decode_sdpa, write_kv_ref
 from rollout.kernels.invariant import linear_rows, log_softmax_rows, paged_attention_rows, rms_norm_rows, rotary_rows
 from rollout.kernels.layernorm import rms_norm_ref
+from rollout.kernels.moe import fused_moe_ref
 from rollout.kernels.penalties import apply_penalties_ref
 from rollout.kernels.rotary import rotary_ref
 
@@ -184,6 +185,9 @@ class Ops:
     linear: Callable = F.linear
     # (logits [rows, vocab]) -> fp32 log-probabilities (score()'s and prompt logprobs').
     log_softmax: Callable = lambda logits: torch.log_softmax(logits.float(), dim=-1)
+    # (x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k]) -> [T, H]:
+    # the routed experts of a MoE layer (rollout.kernels.moe).
+    fused_moe: Callable = fused_moe_ref
     # Every op gives each token the same result whatever else is in the call.
     batch_invariant: bool = False
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from rollout.models.backends import TORCH_OPS, AttentionBackend, AttentionMetadata, Ops
+
+if TYPE_CHECKING:
+    from rollout.models.layers.moe import ExpertRoutes
 
 
 @dataclass
@@ -21,6 +25,8 @@ class ForwardContext:
     kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
     backend: AttentionBackend
     ops: Ops = TORCH_OPS  # RMSNorm, rotary, SiLU-and-mul implementations
+    # MoE models: where the MoE layers record (and replay) each token's experts; None: not kept.
+    expert_routes: ExpertRoutes | None = None
 
 
 _current: ForwardContext | None = None
@@ -49,3 +55,8 @@ def current_ops() -> Ops:
     """The op set of the forward in progress; the torch references outside one (tests,
     layers used on their own)."""
     return TORCH_OPS if _current is None else _current.ops
+
+
+def current_routes() -> ExpertRoutes | None:
+    """The forward's ``ExpertRoutes`` (None outside a forward or when it keeps none)."""
+    return None if _current is None else _current.expert_routes

@@ -6,6 +6,7 @@ Module names mirror HF's so that HF parameter names map 1:1, except the fused
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -107,12 +108,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(
         self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
-        parallel: ParallelState,
+        parallel: ParallelState, mlp: nn.Module,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.self_attn = DecoderAttention(config, layer_idx, dtype, qkv_bias, qk_norm, rotary, parallel)
-        self.mlp = MLP(config, dtype, parallel)
+        self.mlp = mlp  # (h [num_tokens, hidden]) -> [num_tokens, hidden], all-reduced
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
 
@@ -129,7 +130,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, parallel: ParallelState) -> None:
+    """``build_mlp(layer_idx)`` makes each layer's feed-forward block (a Llama ``MLP``, or a
+    MoE model's sparse block)."""
+
+    def __init__(
+        self, config: Any, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, parallel: ParallelState,
+        build_mlp: Callable[[int], nn.Module],
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
             config.vocab_size, config.hidden_size, dtype, parallel.tp_rank, parallel.tensor_parallel_size,
@@ -138,7 +145,8 @@ class DecoderModel(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary, parallel) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary, parallel, build_mlp(i))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -167,12 +175,18 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         parallel = parallel or ParallelState()
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = DecoderModel(config, dtype, qkv_bias, self.qk_norm, parallel)
+        self.model = DecoderModel(
+            config, dtype, qkv_bias, self.qk_norm, parallel, lambda i: self.build_mlp(config, i, dtype, parallel)
+        )
         tied = getattr(config, "tie_word_embeddings", False)
         self.lm_head = LMHead(
             config.vocab_size, config.hidden_size, dtype, self.model.embed_tokens if tied else None,
             parallel.tp_rank, parallel.tensor_parallel_size, parallel.tp_group,
         )
+
+    def build_mlp(self, config: Any, layer_idx: int, dtype: torch.dtype, parallel: ParallelState) -> nn.Module:
+        """Layer ``layer_idx``'s feed-forward block (subclasses: MoE layers)."""
+        return MLP(config, dtype, parallel)
 
     @property
     def num_kv_heads(self) -> int:

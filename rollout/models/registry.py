@@ -23,6 +23,7 @@ _BUILTIN = {
     "LlamaForCausalLM": "rollout.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "rollout.models.qwen2:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "rollout.models.qwen3:Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM": "rollout.models.qwen3_moe:Qwen3MoeForCausalLM",
 }
 # The registry (one of the two allowed module-level mutable states).
 _registry: dict[str, str | type[nn.Module]] = dict(_BUILTIN)
