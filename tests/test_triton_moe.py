@@ -213,3 +213,9 @@ def test_fused_moe_empty_and_refusals():
         fused_moe(x.bfloat16(), w13, w2, weights, ids)
     with pytest.raises(ValueError, match="contiguous"):
         fused_moe(x, w13.transpose(1, 2).contiguous().transpose(1, 2), w2, weights, ids)
+
+
+def test_triton_op_set_runs_this_kernel():
+    from rollout.models.backends import get_ops
+
+    assert get_ops("triton").fused_moe is fused_moe

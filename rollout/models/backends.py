@@ -204,11 +204,13 @@ def _triton_ops() -> Ops:
     # Imported on demand: installs without triton (or without a GPU) never load it.
     from rollout.kernels.triton_activation import silu_and_mul
     from rollout.kernels.triton_layernorm import rms_norm
+    from rollout.kernels.triton_moe import fused_moe
     from rollout.kernels.triton_penalties import apply_penalties
     from rollout.kernels.triton_rotary import rotary
     from rollout.kernels.triton_sampling import rank_tokens, sample_tokens
 
-    return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties)
+    return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties,
+               fused_moe=fused_moe)
 
 
 def _triton_invariant_ops() -> Ops:
