@@ -89,7 +89,12 @@ def _assert_close(got, want, x, w13, w2, topk_weights, topk_ids):
 
 
 def _check_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
-    sorted_ids, block_experts, num_padded = moe_align(topk_ids, num_experts, block_m)
+    """Both ways (one Triton program, torch ops) give the same layout, which has the
+    invariants below."""
+    one = moe_align(topk_ids, num_experts, block_m, one_program=True)
+    sorted_ids, block_experts, num_padded = moe_align(topk_ids, num_experts, block_m, one_program=False)
+    for a, b in zip(one, (sorted_ids, block_experts, num_padded), strict=True):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), (a, b)
     flat = topk_ids.reshape(-1).cpu()
     num_pairs = flat.numel()
     sorted_ids, block_experts, n = sorted_ids.cpu().long(), block_experts.cpu().long(), int(num_padded)
@@ -115,9 +120,9 @@ def _check_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_alignment_invariants(block_m):
     gen = _gen(0)
-    for t, k in ((1, 2), (5, 2), (33, 2), (33, 1), (40, 8)):
-        _, ids = _routing(gen, t, k=k, e=E if k <= E else 16)
-        _check_alignment(ids, E if k <= E else 16, block_m)
+    for t, k, e in ((1, 2, E), (5, 2, E), (33, 2, E), (33, 1, E), (40, 8, 16), (40, 8, 128)):
+        _, ids = _routing(gen, t, k=k, e=e)
+        _check_alignment(ids, e, block_m)  # 128 experts: the Triton path walks 64-pair chunks
     # Skewed: experts with no pairs, one expert with most of them, runs of exact multiples.
     _check_alignment(torch.full((33, 1), 5, device=DEVICE), E, block_m)
     _check_alignment(torch.tensor([[0, 7]] * 16, device=DEVICE), E, block_m)

@@ -104,7 +104,7 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def moe_align(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, one_program: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the (token, slot) pairs of ``topk_ids`` [T, k] (values in [0, num_experts),
     not checked: that would sync) by expert and pad each expert's run to ``block_m``.
@@ -113,11 +113,87 @@ def moe_align(
     the sentinel T*k), ``block_expert_ids`` [max_padded // block_m] int32 (the expert of
     every pair in that block; blocks past the end hold a valid, unused id) and
     ``num_padded`` [1] int32 (sorted pairs in use, a multiple of block_m). Within an
-    expert, pairs keep their order (a stable sort): the layout is a function of topk_ids."""
+    expert, pairs keep their order (a stable sort): the layout is a function of topk_ids,
+    the same from both ways of computing it. ``one_program`` (default: up to
+    ``_ALIGN_ONE_PROGRAM_MAX`` pairs): one Triton launch (decode steps, where the dozen torch
+    launches would cost more than the GEMMs' weight reads at T=1); else torch ops."""
+    num_pairs = topk_ids.numel()
+    max_padded = max_padded_pairs(num_pairs, num_experts, block_m)
+    if one_program is None:
+        one_program = num_pairs <= _ALIGN_ONE_PROGRAM_MAX
+    if not one_program or num_pairs == 0:
+        return _moe_align_torch(topk_ids, num_experts, block_m, max_padded)
+    device = topk_ids.device
+    sorted_pair_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+    block_expert_ids = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    e_pow2 = triton.next_power_of_2(num_experts)
+    block_p = max(16, min(triton.next_power_of_2(num_pairs), 8192 // e_pow2))
+    _moe_align_kernel[(1,)](
+        topk_ids.contiguous(), sorted_pair_ids, block_expert_ids, num_padded, num_pairs, max_padded, num_experts,
+        BLOCK_M=block_m, E_POW2=e_pow2, BLOCK_P=block_p, num_warps=8,
+    )
+    return sorted_pair_ids, block_expert_ids, num_padded
+
+
+_ALIGN_ONE_PROGRAM_MAX = 4096  # pairs (T=512 at k=8): past this, torch's parallel sort wins
+
+
+@triton.jit
+def _moe_align_kernel(
+    topk_ids_ptr,  # [T*k] contiguous, int64 or int32
+    sorted_pair_ids_ptr,  # [max_padded] int32
+    block_expert_ids_ptr,  # [max_padded // BLOCK_M] int32
+    num_padded_ptr,  # [1] int32
+    num_pairs, max_padded, num_experts,
+    BLOCK_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """One program: count pairs per expert, then place each pair at its expert's padded
+    start plus the pairs of that expert before it (a cumulative sum of one-hot rows), then
+    write the sentinel where no pair goes. Every address is written once: no barrier."""
+    experts = tl.arange(0, E_POW2)
+    counts = tl.zeros([E_POW2], dtype=tl.int32)
+    for p0 in range(0, num_pairs, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [E_POW2], 0 past num_experts
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded)
+    tl.store(num_padded_ptr, total)
+    placed = starts  # [E_POW2] where each expert's next pair goes
+    for p0 in range(0, num_pairs, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK_P, E_POW2]
+        before = tl.cumsum(onehot, axis=0) - onehot  # same-expert pairs earlier in the chunk
+        dest = tl.sum(onehot * (placed[None, :] + before), axis=1)
+        tl.store(sorted_pair_ids_ptr + dest, offs.to(tl.int32), mask=offs < num_pairs)
+        placed += tl.sum(onehot, axis=0)
+    # Padding: a slot is a pair's iff its offset in its expert's run is below the count.
+    for q0 in range(0, max_padded, BLOCK_P):
+        offs = q0 + tl.arange(0, BLOCK_P)
+        owner = (ends[None, :] <= offs[:, None]).to(tl.int32)  # [BLOCK_P, E_POW2]: runs ended before
+        expert = tl.sum(owner, axis=1)  # the run holding offs (E_POW2 past the end)
+        mine = (expert[:, None] == experts[None, :]).to(tl.int32)
+        used = offs - tl.sum(mine * starts[None, :], axis=1) < tl.sum(mine * counts[None, :], axis=1)
+        tl.store(sorted_pair_ids_ptr + offs, tl.zeros_like(offs) + num_pairs, mask=(offs < max_padded) & ~used)
+    num_blocks = max_padded // BLOCK_M
+    for b0 in range(0, num_blocks, BLOCK_P):
+        block = b0 + tl.arange(0, BLOCK_P)
+        owner = tl.sum((ends[None, :] <= (block * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ids_ptr + block, tl.minimum(owner, num_experts - 1), mask=block < num_blocks)
+
+
+def _moe_align_torch(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, max_padded: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)
     num_pairs = flat.numel()
-    max_padded = max_padded_pairs(num_pairs, num_experts, block_m)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on its max
     padded = (counts + block_m - 1) // block_m * block_m
