@@ -286,6 +286,32 @@ def test_partial_update_changes_one_expert(moe_dirs, moe_b_dir):
     assert torch.equal(w13_0[2, 32:], sd_b[up])
 
 
+def test_streamed_stacked_update_and_sleep(moe_dirs, moe_b_dir):
+    """A trainer's transformers v5 module streams stacked experts in small buckets; after
+    sleep(2) an update by stacked names restores every weight (each stacked tensor covers
+    all its experts' shards), and a stream cut off after some stacked tensors marks only
+    the weights it did not reach stale."""
+    from trainers_integration.sync import update_weights_in_buckets
+
+    hf_a, hf_b = eager_oracle(moe_dirs["norm"]).model, eager_oracle(moe_b_dir).model
+    llm = LLM(str(moe_dirs["norm"]), **ENGINE_ARGS)
+    params_a = _params(llm)
+    update_weights_in_buckets(llm, hf_b.state_dict().items(), bucket_bytes=8192)
+    fresh_b = _params(LLM(str(moe_b_dir), **ENGINE_ARGS))
+    assert all(torch.equal(p, fresh_b[n]) for n, p in _params(llm).items())
+    llm.sleep(level=2)
+    llm.wake_up()
+    assert len(llm.worker.updater.missing_names) == len(load_file(moe_b_dir / "model.safetensors"))
+    llm.update_weights(hf_a.state_dict())
+    assert llm.worker.updater.missing_names == []
+    assert all(torch.equal(p, params_a[n]) for n, p in _params(llm).items())
+    reached = {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
+    llm.mark_partial_update(reached)
+    missing = set(llm.worker.updater.missing_names)
+    assert not any(n.startswith("model.layers.0.mlp.experts.") for n in missing)
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in missing
+
+
 # ---- routed experts --------------------------------------------------------------------------
 def _engine_forward(model, tokens: list[int], routes: ExpertRoutes | None) -> torch.Tensor:
     """One prefill of ``tokens`` through the engine's model (torch attention, a fresh paged

@@ -46,7 +46,8 @@ class WeightUpdater:
         """A streamed update stopped part-way: weights it did not reach (HF names not in
         ``loaded``) hold an older version than the ones it did, so they count as missing
         until loaded again. Returns how many are now missing."""
-        self._missing.update(k for k, name in self.weight_map.required.items() if name not in loaded)
+        reached = {key for name in loaded if (t := self.weight_map.resolve(name)) for key in self.weight_map.covered_keys(t)}
+        self._missing.update(k for k in self.weight_map.required if k not in reached)
         return len(self._missing)
 
     def apply(
