@@ -134,7 +134,7 @@ def test_default_tiles_follow_pairs_per_expert():
     assert moe_tiles(8, 128, torch.bfloat16).block_m == 16  # Qwen3-30B-A3B T=1
     assert moe_tiles(256 * 8, 128, torch.bfloat16).block_m == 16  # T=256: 16 per expert
     assert moe_tiles(512 * 8, 128, torch.bfloat16).block_m == 32
-    assert moe_tiles(4096 * 8, 128, torch.bfloat16).block_m == 64
+    assert moe_tiles(4096 * 8, 128, torch.bfloat16).block_m == 128
     assert moe_tiles(4096 * 8, 128, torch.float32).block_m == 16
 
 
