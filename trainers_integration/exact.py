@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rollout.errors import InvalidRequestError, WeightUpdateError
+from rollout.errors import InvalidRequestError, UnsupportedFeatureError, WeightUpdateError
 from rollout.models.backends import AttentionMetadata, create_attention_backend, get_ops
 from rollout.models.forward_context import ForwardContext, set_forward_context
 from rollout.models.layers.rotary import RotaryEmbedding
@@ -49,6 +49,8 @@ class ExactForward:
         self.dtype = dtype
         # The module tree only: parameters live on the meta device and are never filled.
         self.model = build_model(hf_config, dtype, torch.device("meta"), architectures)
+        if not getattr(self.model, "supports_batch_invariant", True):
+            raise UnsupportedFeatureError(f"ExactForward: {type(self.model).__name__} has no batch-invariant kernels yet")
         self._materialize_buffers()
         self.weight_map = WeightMap(self.model)
         # Engine parameter name -> the HF names concatenated (dim 0, in shard order) into it.
