@@ -8,7 +8,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 part=${1:-1}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "$part" = 1 ]; then
+if [ "$part" = q ]; then  # what a short lease allows: the kernels' invariance, the cost and the mismatch
+  timeout 80 python -m tests.gpu.check_invariant --quick 2>&1 | tail -40 | tee "$OUT/check_invariant.txt"
+  timeout 110 python benchmarks/exact_mode.py --model qwen2.5-1.5b --scale 0.5 --out "$OUT/exact-qwen2.5-1.5b.json" 2>&1 | tail -8
+  timeout 60 python -m pytest -q -x -p no:cacheprovider tests/test_exact_mode.py -k "not tp2 and not fsdp2 and not zero3" 2>&1 | tail -6
+elif [ "$part" = 1 ]; then
   timeout 120 python -m tests.gpu.check_invariant --quick 2>&1 | tail -60 | tee "$OUT/check_invariant.txt"
   timeout 150 python benchmarks/exact_mode.py --model qwen2.5-1.5b --out "$OUT/exact-qwen2.5-1.5b.json" 2>&1 | tail -8
   timeout 200 python -m pytest -q -p no:cacheprovider tests/test_exact_mode.py tests/test_sampling_mask.py \
