@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from rollout.errors import PlatformError
 from rollout.kernels.activation import silu_and_mul_ref
 from rollout.kernels.attention import paged_attention_ref, paged_attention_sdpa, paged_decode_sdpa, write_kv_ref
+from rollout.kernels.fp8 import fp8_linear_ref
 from rollout.kernels.invariant import linear_rows, log_softmax_rows, paged_attention_rows, rms_norm_rows, rotary_rows
 from rollout.kernels.layernorm import rms_norm_ref
 from rollout.kernels.moe import fused_moe_ref
@@ -188,6 +189,10 @@ class Ops:
     # (x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k]) -> [T, H]:
     # the routed experts of a MoE layer (rollout.kernels.moe).
     fused_moe: Callable = fused_moe_ref
+    # (x [..., K], w_q fp8 [N, K], w_scale fp32 [ceil(N/128), ceil(K/128)], bias=None) -> [..., N]
+    # in x's dtype: linear layers of quantization="fp8" (x quantized per token and 128-group).
+    # Every op set has the torch reference; a Triton block GEMM would be set here.
+    fp8_linear: Callable = fp8_linear_ref
     # Every op gives each token the same result whatever else is in the call.
     batch_invariant: bool = False
 
