@@ -9,14 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from rollout.models.backends import TORCH_OPS, AttentionBackend, AttentionMetadata, Ops
 
-if TYPE_CHECKING:
-    from rollout.models.layers.moe import ExpertRoutes
+
+@dataclass
+class ExpertRoutes:
+    """One forward's routed experts, shared by its MoE layers (the forward context's
+    ``expert_routes``). Layer ``l`` (its index among the MoE layers) writes
+    ``topk_ids[l, :num_tokens]``; where ``replay`` is set, it first reads the ids there and
+    sends those tokens to them instead of the router's choice."""
+
+    topk_ids: torch.Tensor  # [num_moe_layers, max_tokens, top_k] int64
+    replay: torch.Tensor | None = None  # [num_tokens] bool: rows whose ids are given; None: none
 
 
 @dataclass

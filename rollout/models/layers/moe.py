@@ -14,28 +14,15 @@ to replay (their weights recomputed from this forward's router logits at those e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from rollout.distributed.communication import tensor_model_parallel_all_reduce
 from rollout.distributed.parallel_state import ParallelState
 from rollout.kernels.moe import route, route_weights
-from rollout.models.forward_context import current_ops, current_routes
+from rollout.models.forward_context import ExpertRoutes, current_ops, current_routes
 from rollout.models.layers.linear import ColumnLinear, _attach, _param
 from rollout.models.weights import WHOLE
-
-
-@dataclass
-class ExpertRoutes:
-    """One forward's routed experts, shared by its MoE layers (the forward context's
-    ``expert_routes``). Layer ``l`` (its index among the MoE layers) writes
-    ``topk_ids[l, :num_tokens]``; where ``replay`` is set, it first reads the ids there and
-    sends those tokens to them instead of the router's choice."""
-
-    topk_ids: torch.Tensor  # [num_moe_layers, max_tokens, top_k] int64
-    replay: torch.Tensor | None = None  # [num_tokens] bool: rows whose ids are given; None: none
 
 
 class FusedExperts(nn.Module):
