@@ -61,7 +61,9 @@ def quantize_activation_per_token_group(x: torch.Tensor, group: int = BLOCK) -> 
     return _quantize(x, 1, group)
 
 
-def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block_n: int = BLOCK, block_k: int = BLOCK) -> torch.Tensor:
+def dequantize_blockwise(
+    q: torch.Tensor, scale: torch.Tensor, block_n: int = BLOCK, block_k: int = BLOCK,
+) -> torch.Tensor:
     """fp32 ``q * scale`` with one scale per ``block_n x block_k`` block."""
     return q.float() * _expand(scale, *q.shape, block_n, block_k)
 

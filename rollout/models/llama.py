@@ -20,6 +20,7 @@ from rollout.models.layers.embedding import LMHead, VocabEmbedding
 from rollout.models.layers.linear import ColumnLinear, QKVLinear, RowLinear
 from rollout.models.layers.norm import RMSNorm
 from rollout.models.layers.rotary import RotaryEmbedding, rope_parameters
+from rollout.models.quantization import quantization_of
 
 
 def _check_divisible(what: str, total: int, tp_size: int) -> None:
@@ -58,7 +59,7 @@ class DecoderAttention(nn.Module):
 
     def __init__(
         self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
-        parallel: ParallelState,
+        parallel: ParallelState, quantization: str | None = None,
     ) -> None:
         super().__init__()
         hidden = config.hidden_size
@@ -70,8 +71,10 @@ class DecoderAttention(nn.Module):
         # Llama and Qwen3 put ``attention_bias`` on q/k/v/o; Qwen2 biases q/k/v only.
         o_bias = getattr(config, "attention_bias", False)
         rank, group = parallel.tp_rank, parallel.tp_group
-        self.qkv_proj = QKVLinear(hidden, self.head_dim, num_heads, num_kv_heads, qkv_bias, dtype, rank, tp)
-        self.o_proj = RowLinear(num_heads * self.head_dim, hidden, o_bias, dtype, rank, tp, group)
+        self.qkv_proj = QKVLinear(
+            hidden, self.head_dim, num_heads, num_kv_heads, qkv_bias, dtype, rank, tp, quantization=quantization,
+        )
+        self.o_proj = RowLinear(num_heads * self.head_dim, hidden, o_bias, dtype, rank, tp, group, quantization)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
         self.rotary_emb = rotary  # one cos/sin cache shared by every layer
@@ -89,7 +92,9 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelState) -> None:
+    def __init__(
+        self, config: Any, dtype: torch.dtype, parallel: ParallelState, quantization: str | None = None,
+    ) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
@@ -98,8 +103,10 @@ class MLP(nn.Module):
         inter = config.intermediate_size
         tp, rank = parallel.tensor_parallel_size, parallel.tp_rank
         _check_divisible("intermediate_size", inter, tp)
-        self.gate_up_proj = ColumnLinear(config.hidden_size, (inter, inter), bias, dtype, rank, tp, shard_ids=(0, 1))
-        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype, rank, tp, parallel.tp_group)
+        self.gate_up_proj = ColumnLinear(
+            config.hidden_size, (inter, inter), bias, dtype, rank, tp, shard_ids=(0, 1), quantization=quantization,
+        )
+        self.down_proj = RowLinear(inter, config.hidden_size, bias, dtype, rank, tp, parallel.tp_group, quantization)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(current_ops().silu_and_mul(self.gate_up_proj(h)))
@@ -108,11 +115,11 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(
         self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
-        parallel: ParallelState, mlp: nn.Module,
+        parallel: ParallelState, mlp: nn.Module, quantization: str | None = None,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = DecoderAttention(config, layer_idx, dtype, qkv_bias, qk_norm, rotary, parallel)
+        self.self_attn = DecoderAttention(config, layer_idx, dtype, qkv_bias, qk_norm, rotary, parallel, quantization)
         self.mlp = mlp  # (h [num_tokens, hidden]) -> [num_tokens, hidden], all-reduced
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
@@ -131,11 +138,11 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     """``build_mlp(layer_idx)`` makes each layer's feed-forward block (a Llama ``MLP``, or a
-    MoE model's sparse block)."""
+    MoE model's sparse block); ``quantization`` ("fp8" or None) is the attention's linears'."""
 
     def __init__(
         self, config: Any, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, parallel: ParallelState,
-        build_mlp: Callable[[int], nn.Module],
+        build_mlp: Callable[[int], nn.Module], quantization: str | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
@@ -145,7 +152,7 @@ class DecoderModel(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary, parallel, build_mlp(i))
+            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary, parallel, build_mlp(i), quantization)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -160,8 +167,12 @@ class DecoderModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """HF ``LlamaForCausalLM``: rope (default/linear/llama3), tied or untied embeddings.
-    ``parallel`` (default: one rank) shards it for tensor parallelism."""
+    ``parallel`` (default: one rank) shards it for tensor parallelism. The config's
+    ``quantization_config`` (``rollout.models.quantization``) may make the decoder's linear
+    layers fp8; embeddings, norms and the LM head stay in ``dtype``."""
 
+    # The quantizations build_model may build this class with.
+    supported_quantizations: ClassVar[tuple[str, ...]] = ("fp8",)
     qkv_bias = False
     qk_norm = False
     # Engine parameter -> the HF sub-modules fused into it, in shard order.
@@ -173,10 +184,12 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelState | None = None) -> None:
         super().__init__()
         self.config = config
+        self.quantization = quantization_of(config)
         parallel = parallel or ParallelState()
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
         self.model = DecoderModel(
-            config, dtype, qkv_bias, self.qk_norm, parallel, lambda i: self.build_mlp(config, i, dtype, parallel)
+            config, dtype, qkv_bias, self.qk_norm, parallel, lambda i: self.build_mlp(config, i, dtype, parallel),
+            self.quantization,
         )
         tied = getattr(config, "tie_word_embeddings", False)
         self.lm_head = LMHead(
@@ -186,7 +199,7 @@ class LlamaForCausalLM(nn.Module):
 
     def build_mlp(self, config: Any, layer_idx: int, dtype: torch.dtype, parallel: ParallelState) -> nn.Module:
         """Layer ``layer_idx``'s feed-forward block (subclasses: MoE layers)."""
-        return MLP(config, dtype, parallel)
+        return MLP(config, dtype, parallel, self.quantization)
 
     @property
     def num_kv_heads(self) -> int:

@@ -14,6 +14,7 @@ from torch import nn
 
 from rollout.distributed.parallel_state import ParallelState
 from rollout.errors import CheckpointError, UnsupportedModelError
+from rollout.models.quantization import quantization_of
 from rollout.models.registry import resolve_model_class
 from rollout.models.updater import WeightUpdater
 
@@ -34,8 +35,16 @@ def build_model(
     """An uninitialised model for ``config`` on ``device`` (weights come from a loader).
     ``architectures`` defaults to the config's. The registry contract is ``cls(config,
     dtype)``; a model that supports tensor parallelism also takes ``parallel=``, which is
-    passed only when there is more than one rank."""
+    passed only when there is more than one rank. The config's ``quantization_config``
+    (``rollout.models.quantization``) must be one the class lists in
+    ``supported_quantizations``."""
     cls = resolve_model_class(architectures or getattr(config, "architectures", None))
+    quantization = quantization_of(config)
+    if quantization is not None and quantization not in getattr(cls, "supported_quantizations", ()):
+        raise UnsupportedModelError(
+            f"{cls.__name__} does not support quantization {quantization!r} (fp8 covers dense decoders' "
+            "linear layers); use quantization=None with a full-precision checkpoint"
+        )
     kwargs = {}
     if parallel is not None and parallel.tensor_parallel_size > 1:
         if "parallel" not in inspect.signature(cls).parameters:
@@ -154,16 +163,23 @@ def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
     """Random weights in place, for benchmarks and tests that have no checkpoint: matrices
     from normal(0, ``std``), 1-D weights (norm gains) 1.0, biases 0. Drawn on the
     parameters' device from a generator seeded with ``seed`` (the global RNG is untouched),
-    in parameter order, so a seed always gives the same model."""
+    in parameter order, so a seed always gives the same model. An fp8 weight is drawn in
+    fp32 and quantized (its scales come with it)."""
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied parameter comes once
+            if getattr(param, "loaded_with_weight", False):
+                continue  # fp8 scales: written with their weight
             if param.dim() >= 2:
                 gen = generators.get(param.device)
                 if gen is None:
                     gen = generators[param.device] = torch.Generator(device=param.device)
                     gen.manual_seed(seed)
-                param.normal_(0.0, std, generator=gen)
+                quantize_into = getattr(param, "quantize_into", None)
+                if quantize_into is not None:
+                    quantize_into(torch.empty(param.shape, device=param.device).normal_(0.0, std, generator=gen))
+                else:
+                    param.normal_(0.0, std, generator=gen)
             else:
                 param.fill_(0.0 if name.endswith("bias") else 1.0)
 

@@ -109,7 +109,9 @@ class WeightMap:
             if shards != [None]:
                 self._fused.add(name)
             self._num_names[id(param)] = self._num_names.get(id(param), 0) + 1
-            if self._num_names[id(param)] == 1:
+            # fp8 scales (``loaded_with_weight``) answer to their names but are never required:
+            # a full-precision weight writes them as it is quantized.
+            if self._num_names[id(param)] == 1 and not getattr(param, "loaded_with_weight", False):
                 self._shards[id(param)] = shards
                 for shard in shards:
                     self.required[(id(param), shard)] = self._hf_name(name, shard)
@@ -174,13 +176,16 @@ def plan_load(
     """Validate names and shapes without touching any tensor.
 
     Returns (targets in input order, problems). Problems name each unknown, misshaped,
-    non-floating, duplicated or (with ``require_all``) missing tensor.
+    non-floating, duplicated or (with ``require_all``) missing tensor, and each fp8 weight
+    given without its scales or scales without their fp8 weight (``fp8_pair_problems``).
     """
     targets: list[WeightTarget] = []
     problems: list[str] = []
     seen: set[str] = set()
     covered: dict[tuple, WeightTarget] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for hf_name, shape, dtype in named_shapes:
+        dtypes.setdefault(hf_name, dtype)
         if hf_name in seen:
             problems.append(f"tensor {hf_name!r} given twice")
             continue
@@ -199,6 +204,10 @@ def plan_load(
         if not dtype.is_floating_point:
             problems.append(f"tensor {hf_name!r} has dtype {dtype}, expected a floating-point dtype")
             continue
+        dtype_problem = getattr(target.param, "hf_dtype_problem", None)
+        if dtype_problem is not None and (problem := dtype_problem(target.shard_id, dtype)) is not None:
+            problems.append(f"tensor {hf_name!r} {problem}")
+            continue
         keys = weight_map.covered_keys(target)
         clash = next((k for k in keys if k in covered), None)
         if clash is not None:
@@ -215,7 +224,32 @@ def plan_load(
     if require_all:
         missing = [name for key, name in weight_map.required.items() if key not in covered]
         problems.extend(f"missing tensor {name!r}" for name in missing)
+    problems.extend(fp8_pair_problems(targets, dtypes))
     return targets, problems
+
+
+_SCALE_SUFFIX = "_scale_inv"
+
+
+def fp8_pair_problems(targets: list[WeightTarget], dtypes: dict[str, torch.dtype]) -> list[str]:
+    """An fp8 weight means nothing without its block scales: an fp8 tensor for a weight that
+    has them (``param.fp8_scales``) needs ``<name>_scale_inv`` in the same load, and a
+    ``*_scale_inv`` tensor needs its weight, in fp8. (A full-precision weight comes alone:
+    its loader quantizes it and writes the scales.)"""
+    problems = []
+    names = {t.hf_name for t in targets}
+    for t in targets:
+        if getattr(t.param, "fp8_scales", None) is not None and dtypes[t.hf_name].itemsize == 1:
+            scales = t.hf_name + _SCALE_SUFFIX
+            if scales not in names:
+                problems.append(f"tensor {t.hf_name!r} is fp8 but its scales {scales!r} are not given with it")
+        elif getattr(t.param, "loaded_with_weight", False):
+            weight = t.hf_name.removesuffix(_SCALE_SUFFIX)
+            if weight not in names or dtypes[weight].itemsize != 1:
+                problems.append(
+                    f"tensor {t.hf_name!r} holds fp8 scales but its weight {weight!r} is not given in fp8 with it"
+                )
+    return problems
 
 
 def tensor_problem(hf_name: str, tensor: object) -> str | None:

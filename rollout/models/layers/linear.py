@@ -5,6 +5,17 @@ Every parameter gets two attributes used by ``rollout.models.weights``:
   so names and shapes are validated before anything is copied;
 - ``weight_loader(param, tensor, shard_id)``: copies one HF tensor in place (never rebinds).
 A ``shard_id`` names a part of a fused parameter ("q", "k", "v" or 0, 1); None means whole.
+
+``quantization="fp8"``: the weight is ``float8_e4m3fn`` with ``weight_scale_inv``, one fp32
+scale per 128x128 block (``rollout.kernels.fp8``), and the forward runs the op set's
+``fp8_linear``. Blocks are per shard: each shard's rows (q, k, v; gate, up; this rank's
+slice) start a block row, so a shard quantizes on its own, on load and on every update,
+inside its loader (a bf16/fp32 tensor is quantized in place; no full-precision copy is
+kept). When every shard but the last is a multiple of 128 rows the blocks are the fused
+weight's own 128-row blocks and one GEMM runs; otherwise one GEMM runs per shard. An FP8
+checkpoint's ``weight`` (fp8) and ``weight_scale_inv`` load as they are, by HF name; the
+weights' extra attributes for that (``quantize_into``, ``hf_dtype_problem``,
+``fp8_scales``, ``loaded_with_weight``) are read by ``rollout.models.weights`` and the loader.
 """
 
 from __future__ import annotations
@@ -16,7 +27,10 @@ import torch
 from torch import nn
 
 from rollout.distributed.communication import tensor_model_parallel_all_reduce
+from rollout.kernels.fp8 import BLOCK, FP8_DTYPE, quantize_weight_blockwise
 from rollout.models.forward_context import current_ops
+
+QUANTIZATIONS = (None, "fp8")
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
@@ -29,16 +43,85 @@ def _attach(param: nn.Parameter, hf_shape: Callable, loader: Callable) -> nn.Par
     return param
 
 
-class LinearBase(nn.Module):
-    """``y = x W^T (+ b)`` with W [out_local, in_local]; subclasses define the loaders."""
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
-    def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype) -> None:
+
+def _aligned(start: int, size: int, full: int) -> bool:
+    """Whether rows (or columns) [start, start + size) of a ``full``-long HF tensor are whole
+    128-blocks of it (the last may be its tail): an FP8 checkpoint's slice then needs no
+    requantization."""
+    return start % BLOCK == 0 and (size % BLOCK == 0 or start + size == full)
+
+
+class LinearBase(nn.Module):
+    """``y = x W^T (+ b)`` with W [out_local, in_local]; subclasses define the loaders.
+    ``row_groups``: the rows of each shard, in order (fp8 blocks start at each)."""
+
+    def __init__(
+        self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype, quantization: str | None = None,
+        row_groups: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
-        self.weight = _param((out_local, in_local), dtype)
+        assert quantization in QUANTIZATIONS, f"quantization {quantization!r} not in {QUANTIZATIONS}"
+        self.weight = _param((out_local, in_local), dtype if quantization is None else FP8_DTYPE)
         self.bias = _param((out_local,), dtype) if bias else None
+        self.weight_scale_inv = None
+        if quantization is None:
+            return
+        # (row offset, rows, scale row offset, scale rows) of each shard.
+        self._groups: list[tuple[int, int, int, int]] = []
+        row, block = 0, 0
+        for rows in row_groups or [out_local]:
+            self._groups.append((row, rows, block, _cdiv(rows, BLOCK)))
+            row, block = row + rows, block + _cdiv(rows, BLOCK)
+        self._one_gemm = all(rows % BLOCK == 0 for _, rows, _, _ in self._groups[:-1])
+        self.weight_scale_inv = _param((block, _cdiv(in_local, BLOCK)), torch.float32)  # [scale rows, K blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return current_ops().linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ops = current_ops()
+        if self.weight_scale_inv is None:
+            return ops.linear(x, self.weight, bias)
+        if self._one_gemm:
+            return ops.fp8_linear(x, self.weight, self.weight_scale_inv, bias)
+        y = torch.cat([
+            ops.fp8_linear(x, self.weight.narrow(0, r0, n), self.weight_scale_inv.narrow(0, b0, nb))
+            for r0, n, b0, nb in self._groups
+        ], dim=-1)
+        return y if bias is None else y + bias
+
+    def _store(self, group: int, rows: torch.Tensor) -> None:
+        """Quantize full-precision ``rows`` of shard ``group`` into the weight and its scales."""
+        r0, n, b0, nb = self._groups[group]
+        q, scale = quantize_weight_blockwise(rows)
+        self.weight.data.narrow(0, r0, n).copy_(q)
+        self.weight_scale_inv.data.narrow(0, b0, nb).copy_(scale)
+
+    def _quantize_into(self, local: torch.Tensor) -> None:
+        """A full-precision weight of this rank's shape [out_local, in_local], every shard."""
+        for group, (r0, n, _, _) in enumerate(self._groups):
+            self._store(group, local.narrow(0, r0, n))
+
+    def _attach_fp8(self, scale_shape: Callable, scale_loader: Callable, aligned: Callable) -> None:
+        """The fp8 weight's and scale's loading attributes; ``aligned(shard_id)``: whether
+        this rank's slice of that HF tensor is whole 128-blocks."""
+        def problem(shard_id: str | int | None, dtype: torch.dtype, scale: bool) -> str | None:
+            if not scale and dtype.itemsize == 1 and dtype != FP8_DTYPE:
+                return f"has dtype {dtype}: fp8 weights load as {FP8_DTYPE} only"
+            if (scale or dtype == FP8_DTYPE) and not aligned(shard_id):
+                return ("is block-quantized but this rank's slice of it does not start and end on "
+                        f"{BLOCK}-blocks: give this tensor_parallel_size full-precision weights instead")
+            return None
+
+        self.weight.quantize_into = self._quantize_into
+        self.weight.fp8_scales = self.weight_scale_inv
+        self.weight.hf_dtype_problem = lambda s, dtype: problem(s, dtype, False)
+        _attach(self.weight_scale_inv, scale_shape, scale_loader)
+        self.weight_scale_inv.loaded_with_weight = True
+        self.weight_scale_inv.hf_dtype_problem = lambda s, dtype: problem(s, dtype, True)
 
 
 class ColumnLinear(LinearBase):
@@ -49,7 +132,7 @@ class ColumnLinear(LinearBase):
     def __init__(
         self, in_features: int, out_sizes: Sequence[int], bias: bool, dtype: torch.dtype,
         tp_rank: int = 0, tp_size: int = 1, shard_ids: Sequence[str | int] | None = None,
-        slices: Sequence[tuple[int, int]] | None = None,
+        slices: Sequence[tuple[int, int]] | None = None, quantization: str | None = None,
     ) -> None:
         if slices is None:
             for size in out_sizes:
@@ -59,11 +142,17 @@ class ColumnLinear(LinearBase):
         self.out_sizes = list(out_sizes)
         self.slices = list(slices)
         self.shard_ids = list(shard_ids) if shard_ids is not None else None
-        super().__init__(in_features, sum(size for _, size in self.slices), bias, dtype)
+        sizes = [size for _, size in self.slices]
+        super().__init__(in_features, sum(sizes), bias, dtype, quantization, row_groups=sizes)
         self.in_features = in_features
         _attach(self.weight, lambda s: torch.Size((self._full(s), in_features)), self._load)
         if self.bias is not None:
             _attach(self.bias, lambda s: torch.Size((self._full(s),)), self._load)
+        if self.weight_scale_inv is not None:
+            self._attach_fp8(
+                lambda s: torch.Size((_cdiv(self._full(s), BLOCK), _cdiv(in_features, BLOCK))), self._load_scale,
+                lambda s: _aligned(*self.slices[self._index(s)], self._full(s)),
+            )
 
     def _index(self, shard_id: str | int | None) -> int:
         if self.shard_ids is None:
@@ -78,8 +167,19 @@ class ColumnLinear(LinearBase):
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         idx = self._index(shard_id)
         start, size = self.slices[idx]
+        if param is self.weight and self.weight_scale_inv is not None and loaded.dtype != FP8_DTYPE:
+            self._store(idx, loaded.narrow(0, start, size))
+            return
         offset = sum(n for _, n in self.slices[:idx])  # where this output sits in the fused rows
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+
+    def _load_scale(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        """An FP8 checkpoint's ``weight_scale_inv`` (this rank's slice is whole blocks: checked
+        by ``hf_dtype_problem`` before any copy)."""
+        idx = self._index(shard_id)
+        start, _ = self.slices[idx]
+        _, _, b0, nb = self._groups[idx]
+        param.data.narrow(0, b0, nb).copy_(loaded.narrow(0, start // BLOCK, nb))
 
 
 class QKVLinear(ColumnLinear):
@@ -91,7 +191,7 @@ class QKVLinear(ColumnLinear):
 
     def __init__(
         self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-        dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
+        dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1, quantization: str | None = None,
     ) -> None:
         assert num_heads % tp_size == 0, f"num_heads {num_heads} not divisible by tp_size {tp_size}"
         if num_kv_heads >= tp_size:
@@ -106,7 +206,10 @@ class QKVLinear(ColumnLinear):
         sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
         kv_slice = (kv_first * head_dim, kv_local * head_dim)
         slices = ((tp_rank * q_local * head_dim, q_local * head_dim), kv_slice, kv_slice)
-        super().__init__(hidden, sizes, bias, dtype, tp_rank, tp_size, shard_ids=("q", "k", "v"), slices=slices)
+        super().__init__(
+            hidden, sizes, bias, dtype, tp_rank, tp_size, shard_ids=("q", "k", "v"), slices=slices,
+            quantization=quantization,
+        )
         self.q_size, self.kv_size = q_local * head_dim, kv_local * head_dim
 
 
@@ -116,25 +219,39 @@ class RowLinear(LinearBase):
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-        tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None,
+        tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None, quantization: str | None = None,
     ) -> None:
         assert in_features % tp_size == 0
-        super().__init__(in_features // tp_size, out_features, bias, dtype)
+        local = in_features // tp_size
+        super().__init__(local, out_features, bias, dtype, quantization)
         self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
         _attach(self.weight, lambda s: torch.Size((out_features, in_features)), self._load_weight)
         if self.bias is not None:
             _attach(self.bias, lambda s: torch.Size((out_features,)), _copy_whole)
+        if self.weight_scale_inv is not None:
+            self._attach_fp8(
+                lambda s: torch.Size((_cdiv(out_features, BLOCK), _cdiv(in_features, BLOCK))), self._load_scale,
+                lambda s: _aligned(tp_rank * local, local, in_features),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = current_ops().linear
         if self.tp_size == 1:
-            return linear(x, self.weight, self.bias)
-        y = tensor_model_parallel_all_reduce(linear(x, self.weight), self.tp_group)
+            return self._matmul(x, self.bias)
+        y = tensor_model_parallel_all_reduce(self._matmul(x, None), self.tp_group)
         return y if self.bias is None else y + self.bias
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:
         local = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.tp_rank * local, local))
+        part = loaded.narrow(1, self.tp_rank * local, local)
+        if self.weight_scale_inv is not None and loaded.dtype != FP8_DTYPE:
+            self._store(0, part)
+            return
+        param.data.copy_(part)
+
+    def _load_scale(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:
+        """An FP8 checkpoint's ``weight_scale_inv``: this rank's block columns."""
+        local = self.weight.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp_rank * local // BLOCK, _cdiv(local, BLOCK)))
 
 
 def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:
