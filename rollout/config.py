@@ -63,6 +63,14 @@ class ModelConfig:
     def vocab_size(self) -> int:
         return self.hf_config.vocab_size
 
+    @property
+    def quantization(self) -> str | None:
+        """"fp8" or None, as ``hf_config.quantization_config`` records it (the checkpoint's,
+        or what ``EngineConfig.create`` wrote for ``quantization="fp8"``): what build_model reads."""
+        from rollout.models.quantization import quantization_of
+
+        return quantization_of(self.hf_config)
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -144,7 +152,10 @@ class VllmOptions:
       caller's ``torch.distributed`` world, as vLLM's external launcher does). "mp" and
       "ray" (engines in worker processes) are refused: see ``rollout.distributed`` for Ray.
     - ``model_impl``: "auto" or "vllm" (this engine's own model code); "transformers" refused.
-    - ``quantization``: None only (FP8 rollout is not built yet).
+    - ``quantization``: None (the checkpoint's own: an FP8 checkpoint runs in FP8) or "fp8":
+      the decoder's linear layers hold e4m3 weights with 128x128 block scales, quantized
+      from full-precision weights on load and on every update; activations are quantized
+      per token and 128-group. Others ("bitsandbytes", "awq", ...) are refused.
     - ``skip_tokenizer_init``: True loads no tokenizer (prompts must be token ids, outputs
       carry no text), as in vLLM.
     - ``trust_remote_code``: any bool; no code from a model directory is ever run, and the
@@ -174,7 +185,8 @@ class VllmOptions:
         _only("distributed_executor_backend", self.distributed_executor_backend, (None, "external_launcher", "uni"),
               "engines in worker processes ('mp', 'ray') are not supported: every rank builds its own LLM")
         _only("model_impl", self.model_impl, ("auto", "vllm"), "rollout runs its own model implementations")
-        _only("quantization", self.quantization, (None,), "quantized rollout (FP8) is not supported yet")
+        _only("quantization", self.quantization, (None, "fp8"),
+              "FP8 with 128x128 weight blocks is the only quantization built")
         _only("enable_lora", self.enable_lora, (False,), "LoRA adapters are not supported yet")
         _only("compilation_config", self.compilation_config, (None,),
               "torch.compile configs are not supported; decode runs in CUDA graphs unless enforce_eager=True")
@@ -220,6 +232,13 @@ class EngineConfig:
         for name in ("enforce_eager", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(name, getattr(self, name), "a bool")
+        if self.batch_invariant and self.model.quantization is not None:
+            from rollout.errors import UnsupportedFeatureError
+
+            raise UnsupportedFeatureError(
+                f"batch_invariant=True with quantization {self.model.quantization!r}: the batch-invariant "
+                "kernels have no fp8 GEMM yet; use quantization=None (and a full-precision checkpoint)"
+            )
 
     @classmethod
     def create(
@@ -234,7 +253,12 @@ class EngineConfig:
     ) -> EngineConfig:
         """Validate ``LLM``'s arguments and resolve them against the model's config:
         ``dtype="auto"`` is the checkpoint's, ``max_model_len=None`` the model's
-        ``max_position_embeddings``."""
+        ``max_position_embeddings``, ``quantization="fp8"`` a copy of ``hf_config`` that
+        records it (``rollout.models.quantization.with_quantization``)."""
+        from rollout.models.quantization import with_quantization
+
+        vllm = vllm or VllmOptions()
+        hf_config = with_quantization(hf_config, vllm.quantization)
         cache = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
         if max_model_len is None:
@@ -256,7 +280,7 @@ class EngineConfig:
                 max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
         scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill)
         parallel = ParallelConfig(tensor_parallel_size, tp_group, debug_tp_agreement)
-        return cls(model, cache, scheduler, parallel, device, enforce_eager, resolve_logprobs_mode(logprobs_mode), vllm or VllmOptions(),
+        return cls(model, cache, scheduler, parallel, device, enforce_eager, resolve_logprobs_mode(logprobs_mode), vllm,
                    batch_invariant)
 
 

@@ -47,7 +47,7 @@ def test_accepted_keywords_run(kwargs, a_dir, a_out):
 
 REFUSED = [
     ("distributed_executor_backend", "ray"), ("distributed_executor_backend", "mp"), ("model_impl", "transformers"),
-    ("quantization", "fp8"), ("quantization", "bitsandbytes"), ("enable_lora", True),
+    ("quantization", "bitsandbytes"), ("enable_lora", True),
     ("compilation_config", {"cudagraph_capture_sizes": [1, 2]}), ("logprobs_mode", "raw_logits"),
     ("logprobs_mode", "processed_logits"),
 ]
@@ -57,6 +57,11 @@ REFUSED = [
 def test_unsupported_values_are_refused_by_name(name, value, a_dir):
     with pytest.raises(UnsupportedFeatureError, match=name):
         make_llm(a_dir, **{name: value})
+
+
+def test_quantization_fp8_is_accepted(a_dir):
+    llm = make_llm(a_dir, quantization="fp8")  # tests/test_fp8.py: what it does
+    assert llm.config.vllm.quantization == "fp8" and llm.config.model.quantization == "fp8"
 
 
 @pytest.mark.parametrize("name,value", [
