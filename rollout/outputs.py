@@ -72,6 +72,13 @@ class CompletionOutput:
     ``token_ids[i]`` was sampled among: what a trainer needs to apply the same top-k /
     top-p / min-p truncation to its own logits (see ``SamplingMask``).
 
+    ``routed_experts[i]`` (when ``SamplingParams.return_routed_experts``, MoE models) is
+    ``[moe_layer][k]``: the experts of the position that sampled ``token_ids[i]`` (the one
+    before it), so ``routed_experts[0]`` is the prompt's last position's
+    (``RequestOutput.prompt_routed_experts[-1]``). The routes of a whole sequence, one per
+    position but the last, are ``prompt_routed_experts + routed_experts[1:]``: what
+    ``LLM.score(..., routed_experts=...)`` and a trainer's routing replay take.
+
     In a streamed output (``RequestOutputKind.DELTA``) the lists hold only the new tokens,
     ``text`` only the new text, and ``cumulative_logprob`` still sums all tokens so far.
     """
@@ -86,6 +93,7 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     token_weight_versions: list[int] = field(default_factory=list)
     sampling_masks: list[SamplingMask] | None = None
+    routed_experts: list[list[list[int]]] | None = None  # [token][moe_layer][k]
 
     @property
     def finished(self) -> bool:
@@ -101,6 +109,11 @@ class RequestOutput:
     the last one has ``finished=True``. ``weight_version`` is the version at submission;
     per-token versions are in ``CompletionOutput.token_weight_versions``. ``error`` is set
     when a sample's logits turned non-finite (see ``rollout.errors.NonFiniteError``).
+
+    ``prompt_routed_experts`` (``SamplingParams.return_routed_experts``): per prompt position
+    the experts ``[moe_layer][k]`` its KV was computed with (the first sample's; positions
+    served by the prefix cache carry the routes stored with those blocks). Set once the
+    whole prompt is computed (a DELTA stream carries it once).
     """
 
     request_id: str
@@ -114,6 +127,7 @@ class RequestOutput:
     # Set on the final output when a sample ended with finish_reason "error" (a
     # rollout.errors.NonFiniteError naming them); streams and generate raise it.
     error: Exception | None = None
+    prompt_routed_experts: list[list[list[int]]] | None = None  # [prompt_token][moe_layer][k]
 
 
 @dataclass(frozen=True)

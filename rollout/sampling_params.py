@@ -94,6 +94,12 @@ class SamplingParams:
     refused with penalties: the mask is stated over the temperature-scaled logits, and
     penalties change which tokens survive in a way a trainer would have to replay too.
 
+    ``return_routed_experts=True`` (MoE models only; refused on submission for a model
+    without MoE layers) fills ``CompletionOutput.routed_experts`` (per generated token, the
+    experts ``[moe_layer][k]`` of the position that sampled it) and
+    ``RequestOutput.prompt_routed_experts`` (per prompt position): routing replay, so a
+    trainer's forward can send each token to the experts the engine used.
+
     ``logprobs_mode=None`` (the default) takes the engine's: ``LLM(logprobs_mode=...)``,
     "processed" unless set there. ``structured_outputs`` is accepted as a name only:
     anything but None raises ``UnsupportedFeatureError``.
@@ -121,6 +127,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     return_sampling_mask: bool = False
+    return_routed_experts: bool = False
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
@@ -174,7 +181,7 @@ class SamplingParams:
             if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise bad(name, f"None or an int in [0, {MAX_LOGPROBS}]")
         for name in ("ignore_eos", "skip_special_tokens", "detokenize", "include_stop_str_in_output",
-                     "return_sampling_mask"):
+                     "return_sampling_mask", "return_routed_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")
         if self.stop and not self.detokenize:

@@ -26,6 +26,10 @@ class KVBlock:
     # chain), so a hash collision can never mix prefixes.
     token_ids: tuple[int, ...] | None = None
     parent: KVBlock | None = None
+    # Cached blocks only: the experts [position][moe_layer][k] this block's KV was computed
+    # with, when a request that recorded routes computed it (None: not known). Host side,
+    # dropped with the hash.
+    routes: list[list[list[int]]] | None = None
 
 
 class BlockPool:
@@ -113,13 +117,13 @@ class BlockPool:
     def reset_prefix_cache(self) -> None:
         """Forget every hash: no later request can hit KV computed before this call."""
         for block in self._cached.values():
-            block.block_hash = block.token_ids = block.parent = None
+            block.block_hash = block.token_ids = block.parent = block.routes = None
         self._cached.clear()
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
-            block.block_hash = block.token_ids = block.parent = None
+            block.block_hash = block.token_ids = block.parent = block.routes = None
 
     def counts(self) -> tuple[int, int, int]:
         """(free, cached, used) block counts."""
@@ -134,4 +138,6 @@ class BlockPool:
             assert (b.ref_cnt == 0) == (b.block_id in self._free_queue), b
             if b.block_hash is not None:
                 assert self._cached.get(b.block_hash) is b, b
+            else:
+                assert b.routes is None, b
         assert all(b.block_hash == h for h, b in self._cached.items())

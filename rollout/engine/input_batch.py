@@ -23,6 +23,7 @@ class RowState:
     generator: torch.Generator | None
     num_prompt_tokens: int
     prompt_logprobs: PromptLogprobsSpec | None = None
+    replay_routes: torch.Tensor | None = None  # [positions, moe_layer, k] int64
 
 
 class InputBatch:
@@ -57,7 +58,7 @@ class InputBatch:
         self.append_blocks(idx, new.block_ids)
         self.states[idx] = RowState(
             new.req_id, new.sampling_params, new.stop_token_ids, new.generator, new.num_prompt_tokens,
-            new.prompt_logprobs,
+            new.prompt_logprobs, new.replay_routes,
         )
 
     def remove(self, req_id: str) -> None:

@@ -25,6 +25,8 @@ class KVCacheManager:
         self._stale: set[str] = set()
         # The cached block of each request's last registered prefix (the chain's tail).
         self._chain_tail: dict[str, KVBlock] = {}
+        # Requests recording routes: how many leading blocks were offered their routes.
+        self._num_routed_blocks: dict[str, int] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -40,7 +42,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of full blocks; at least the last token is always recomputed
-        because its logits are needed (a scoring request recomputes every position scored)."""
+        because its logits are needed (a scoring request recomputes every position scored).
+        A request recording routes stops at the first block without stored routes (it
+        recomputes from there, so every route it returns is of the KV it used)."""
         if not (self.enable_caching and req.uses_prefix_cache):
             return [], 0
         self._update_hashes(req)
@@ -50,7 +54,7 @@ class KVCacheManager:
         for i in range(min(max_blocks, len(req.block_hashes))):
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
             block = self.pool.get_cached_block(req.block_hashes[i], chunk, hits[-1] if hits else None)
-            if block is None:
+            if block is None or (req.records_routes and block.routes is None):
                 break
             hits.append(block)
         return hits, len(hits) * self.block_size
@@ -79,6 +83,10 @@ class KVCacheManager:
             self._num_cached_blocks[req.req_id] = len(blocks)
             self._chain_tail[req.req_id] = computed_blocks[-1]
             self.pool.num_hit_blocks += len(computed_blocks)
+            if req.records_routes:  # the hit positions' routes are the stored ones
+                hit = [r for b in computed_blocks for r in b.routes][: req.num_prompt_tokens]
+                req.prompt_routed_experts[: len(hit)] = hit
+                self._num_routed_blocks[req.req_id] = len(blocks)
         if num_new_blocks > 0:
             blocks.extend(self.pool.get_new_blocks(num_new_blocks))
         return True
@@ -115,8 +123,26 @@ class KVCacheManager:
         self._chain_tail[req.req_id] = parent
         self._num_cached_blocks[req.req_id] = num_full
 
+    def store_routes(self, req: Request) -> None:
+        """Keep the routes of the request's full blocks whose KV it computed and registered
+        (called after its routes come back), so a later request recording routes may hit them."""
+        blocks = self._req_blocks.get(req.req_id)
+        if not blocks:
+            return
+        bs = self.block_size
+        start = self._num_routed_blocks.get(req.req_id, 0)
+        end = min(req.num_routed_positions // bs, len(blocks), len(req.block_hashes))
+        for i in range(start, end):
+            # Registered under this request's prefix: its own block (a hit came with routes;
+            # an equal prefix cached elsewhere left this copy unregistered).
+            b = blocks[i]
+            if b.block_hash is not None and b.block_hash == req.block_hashes[i] and b.routes is None:
+                b.routes = req.routes_at(i * bs, (i + 1) * bs)
+        self._num_routed_blocks[req.req_id] = max(start, end)
+
     def free(self, req: Request) -> None:
         blocks = self._req_blocks.pop(req.req_id, [])
+        self._num_routed_blocks.pop(req.req_id, None)
         self._num_cached_blocks.pop(req.req_id, None)
         self._stale.discard(req.req_id)
         self._chain_tail.pop(req.req_id, None)

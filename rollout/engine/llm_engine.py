@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from rollout.distributed.agreement import NoAgreementCheck
 from rollout.engine.kv_cache import KVCacheManager
 from rollout.engine.model_runner import ModelRunner
-from rollout.engine.step_data import StepHandle
+from rollout.engine.routes import RouteChunk
+from rollout.engine.step_data import ModelRunnerOutput, StepHandle
 from rollout.engine.output_processor import OutputProcessor
 from rollout.engine.request import PromptLogprobsSpec, Request, RequestStatus
 from rollout.engine.scheduler import Scheduler, SchedulerOutput
@@ -49,10 +52,11 @@ class LLMEngine:
 
     def add_request(
         self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
-        score: PromptLogprobsSpec | None = None,
+        score: PromptLogprobsSpec | None = None, replay_routes: torch.Tensor | None = None,
     ) -> list[Request]:
         """Queue one prompt (already validated, ids unused) as ``params.n`` child requests;
-        ``score`` makes it a teacher-forced scoring request. Returns the children."""
+        ``score`` makes it a teacher-forced scoring request, ``replay_routes`` [positions,
+        moe_layer, k] sends its positions to those experts. Returns the children."""
         self.agreement.check_prompt(self.num_prompts, token_ids, params.n)
         self.num_prompts += 1
         children = []
@@ -65,7 +69,7 @@ class LLMEngine:
                 Request(
                     req_id=req_id, prompt_token_ids=token_ids, sampling_params=child,
                     max_num_tokens=self.max_num_tokens, eos_token_ids=self.eos_token_ids, generator=gen,
-                    score=score,
+                    score=score, replay_routes=replay_routes,
                 )
             )
         self.outputs.add(request_id, prompt, children, self.weight_version)
@@ -150,6 +154,7 @@ class LLMEngine:
             num_have = req.prompt_logprobs_spec.start - 1 + len(req.prompt_logprobs)
             if start <= num_have:
                 req.prompt_logprobs.extend(entries[num_have - start :])
+        route_of = self._take_prompt_routes(run)
         errored = []
         if run.nonfinite_req_ids:
             # NaN/inf logits: the token is dropped and the sample ends; the others go on.
@@ -168,6 +173,10 @@ class LLMEngine:
             mask = mask_of[req.req_id]
             if mask is not None:
                 req.output_sampling_masks.append(mask)
+            chunk = route_of.get(req.req_id)
+            if chunk is not None and chunk.sampled is not None:
+                req.output_routed_experts.append(chunk.sampled)
+                self.kv.store_routes(req)
             # As in vLLM, the text of a stop token (EOS, stop_token_ids) is left out.
             if req.status == RequestStatus.FINISHED_STOPPED and not req.sampling_params.include_stop_str_in_output:
                 continue
@@ -177,6 +186,23 @@ class LLMEngine:
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         # Every other finished request got a token this step, so ``advanced`` covers them.
         return self.outputs.step_outputs(advanced + errored)
+
+    def _take_prompt_routes(self, run: ModelRunnerOutput) -> dict[str, RouteChunk]:
+        """Prompt routes that came back go to their requests (a recompute overwrites what an
+        earlier computation of those positions gave: the routes of the KV now held); the
+        blocks they complete keep them for the prefix cache. Returns the chunks by request."""
+        route_of = {}
+        for req_id, chunk in zip(run.req_ids, run.routed_experts):
+            if chunk is None:
+                continue
+            route_of[req_id] = chunk
+            req = self.scheduler.requests.get(req_id)
+            have = None if req is None else req.prompt_routed_experts
+            if have is None or chunk.prompt_start > len(have):
+                continue  # aborted while the step ran (a gap cannot happen: hits bring their routes)
+            have[chunk.prompt_start : chunk.prompt_start + len(chunk.prompt)] = chunk.prompt
+            self.kv.store_routes(req)
+        return route_of
 
     def reset_prefix_cache(self) -> None:
         self.flush()

@@ -13,6 +13,7 @@ from rollout.engine.cuda_graphs import CudaGraphRunner
 from rollout.engine.input_batch import InputBatch
 from rollout.engine.penalties import PenaltyState
 from rollout.engine.request import TokenLogprobs
+from rollout.engine.routes import RouteRecorder, RouteShape
 from rollout.engine.sampler import LOGPROBS_MODE_IDS, Sampler, SamplingMetadata, gather_logprobs
 from rollout.engine.scheduler import SchedulerOutput
 from rollout.engine.staging import Staging
@@ -61,16 +62,19 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.staging = Staging(self._max_step_bytes(max_num_batched_tokens), device, platform.pin_host_memory)
+        # MoE models: the routed experts of the rows that ask (or give them, to replay).
+        self.routes = RouteRecorder(RouteShape.of(model), max(max_num_batched_tokens, max_num_seqs), device)
         # The last launched step's sampled ids [num_reqs] on the device: inputs of the next.
         self._last_sampled: torch.Tensor | None = None
 
     def _max_step_bytes(self, max_num_batched_tokens: int) -> int:
-        """An upper bound of what ``Staging.send`` carries in one step (see _prepare_inputs
-        and _sampling_metadata): per token 4 int64, per row 14 int64/fp32 (8 without
-        penalties and sampling masks) and a block-table row, plus alignment."""
+        """An upper bound of what ``Staging.send`` carries in one step (see _prepare_inputs,
+        _sampling_metadata and RouteRecorder.plan): per token 5 int64 (4 without routed
+        experts), per row 14 int64/fp32 (8 without penalties and sampling masks) and a
+        block-table row, plus alignment."""
         tokens = max(max_num_batched_tokens, self.batch.max_num_seqs)
         rows = self.batch.max_num_seqs
-        return 8 * 4 * tokens + 8 * 14 * (rows + 1) + 4 * rows * self.max_blocks_per_req + 16 * 16
+        return 8 * 5 * tokens + 8 * 14 * (rows + 1) + 4 * rows * self.max_blocks_per_req + 16 * 16
 
     # ---- KV cache --------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -158,15 +162,18 @@ class ModelRunner:
         row_list = rows.tolist()
         host = self._prepare_inputs(rows, num_sched)
         smd, sampling_host = self._sampling_metadata(row_list, completes)
-        dev = self.staging.send({**host.send, **sampling_host})
+        routes, routes_host = self.routes.plan(b.states, row_list, host.cu_cpu, host.positions_cpu, completes)
+        dev = self.staging.send({**host.send, **sampling_host, **routes_host})
         inputs = self._device_inputs(host, dev)
         self._fill_sampling_metadata(smd, dev)
         md = inputs.attn
-        if self._use_graphs(rows, md):
+        # A step that records or replays routes runs eagerly: the graphs capture no routes.
+        if routes is None and self._use_graphs(rows, md):
             hidden = None
             logits = self.graphs.run(inputs.input_ids, inputs.positions, md.slot_mapping, md.block_tables, md.seq_lens)
         else:
-            with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):
+            expert_routes = None if routes is None else routes.routes
+            with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops, expert_routes)):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_reqs, vocab]
         out = self.sampler(logits, smd)
@@ -193,12 +200,13 @@ class ModelRunner:
             out.sampled_logprobs, out.sampled_ranks if want_lp else None,
             out.topk_token_ids if want_lp else None, out.topk_logprobs if want_lp else None,
             *((masks.num_kept, masks.min_kept, masks.top_ids) if masks is not None else (None, None, None)),
-        )))
+        )), routes=None if routes is None else routes.copy_out(dev.get("route_idx")))
         return StepHandle(
             req_ids, copies, self.platform.record_step_done(self.device), want_lp,
             [b.states[r].params.logprobs for r in row_list] if want_lp else [], prompt_lp,
             done_idx, done_rows, done_pos, b.row_gen_cpu[done_rows].clone(),
             sampling_host["mask_rows"].tolist() if "mask_rows" in sampling_host else [],
+            routes.rows if routes is not None else [],
         )
 
     def finish(self, handle: StepHandle) -> ModelRunnerOutput:
@@ -228,8 +236,11 @@ class ModelRunner:
                 vals = top_lp[i][:k] if top_lp else []
                 keep = [j for j, v in enumerate(vals) if v != float("-inf")]
                 logprobs[i] = TokenLogprobs(lp[i], ranks[i], [ids[j] for j in keep], [vals[j] for j in keep])
+        routes = [None] * len(handle.req_ids)
+        if handle.route_rows:
+            routes = RouteRecorder.unpack(handle.route_rows, c.routes, len(handle.req_ids))
         return ModelRunnerOutput(
-            handle.req_ids, sampled, logprobs, handle.prompt_logprobs, nonfinite, _sampling_masks(handle),
+            handle.req_ids, sampled, logprobs, handle.prompt_logprobs, nonfinite, _sampling_masks(handle), routes,
         )
 
     def _use_graphs(self, rows: torch.Tensor, md: AttentionMetadata) -> bool:

@@ -52,6 +52,7 @@ class ParentState:
     hold_back_chars: int  # of streamed text while a child runs (stop strings)
     prompt_logprobs: PromptLogprobs | None = None  # built once every prompt position has them
     prompt_logprobs_sent: bool = False
+    prompt_routes_sent: bool = False
 
 
 class OutputProcessor:
@@ -156,6 +157,8 @@ class OutputProcessor:
                 out.cumulative_logprob = c.cumulative_logprob
             if state.params.return_sampling_mask:
                 out.sampling_masks = req.output_sampling_masks[lo:]
+            if state.params.return_routed_experts:
+                out.routed_experts = req.output_routed_experts[lo:]
             c.num_sent_tokens, c.num_sent_chars = req.num_output_tokens, len(text)
             outputs.append(out)
         return RequestOutput(
@@ -163,7 +166,20 @@ class OutputProcessor:
             outputs=outputs, finished=finished, prompt_logprobs=self._prompt_logprobs(state, delta, finished),
             num_cached_tokens=state.children[0].req.num_cached_tokens, weight_version=state.weight_version,
             error=_error_of(state) if finished else None,
+            prompt_routed_experts=self._prompt_routes(state, delta, finished),
         )
+
+    @staticmethod
+    def _prompt_routes(state: ParentState, delta: bool, finished: bool) -> list | None:
+        """The first sample's prompt routes, once the whole prompt is computed (an abort
+        mid-prefill ends with a part); a DELTA stream carries them once."""
+        if not state.params.return_routed_experts or (delta and state.prompt_routes_sent):
+            return None
+        routes = state.children[0].req.prompt_routed_experts
+        if not finished and len(routes) < len(state.prompt_token_ids):
+            return None
+        state.prompt_routes_sent = True
+        return list(routes)
 
     def _final_text(self, c: ChildState, params: SamplingParams) -> str:
         ids = c.req.output_token_ids

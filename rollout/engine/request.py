@@ -84,6 +84,14 @@ class Request:
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     # One per output token, when SamplingParams.return_sampling_mask (kept through preemption).
     output_sampling_masks: list[SamplingMask] = field(default_factory=list)
+    # SamplingParams.return_routed_experts: per output token, the sampling position's experts
+    # [moe_layer][k] (kept through preemption); per prompt position, the experts its KV was
+    # computed with (a recompute or a prefix-cache hit overwrites them).
+    output_routed_experts: list[list[list[int]]] = field(default_factory=list)
+    prompt_routed_experts: list[list[list[int]]] = field(default_factory=list)
+    # LLM.score(..., routed_experts=...): the experts each position must use [positions,
+    # moe_layer, k] int64; such a request neither reads nor fills the prefix cache.
+    replay_routes: torch.Tensor | None = None
     # Prompt logprobs, one entry per prompt token after the first (when requested).
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -129,8 +137,30 @@ class Request:
 
     @property
     def uses_prefix_cache(self) -> bool:
-        # Prompt logprobs need every prompt position's logits, so such prompts are recomputed.
-        return self.sampling_params.prompt_logprobs is None
+        # Prompt logprobs need every prompt position's logits, so such prompts are recomputed;
+        # KV computed with given experts is no other request's.
+        return self.sampling_params.prompt_logprobs is None and self.replay_routes is None
+
+    @property
+    def records_routes(self) -> bool:
+        return self.sampling_params.return_routed_experts
+
+    @property
+    def num_routed_positions(self) -> int:
+        """Leading positions whose routes describe this request's KV (``routes_at``): the
+        prompt's computed so far, then (never preempted) the generated ones but the last."""
+        num_prompt = len(self.prompt_routed_experts)
+        if num_prompt < self.num_prompt_tokens or self.num_preemptions:
+            return num_prompt  # a recompute's generated positions did not come back
+        return num_prompt + max(0, len(self.output_routed_experts) - 1)
+
+    def routes_at(self, start: int, end: int) -> list[list[list[int]]]:
+        """The routes of positions [start, end) (all below ``num_routed_positions``)."""
+        p = self.num_prompt_tokens
+        routes = self.prompt_routed_experts[start:min(end, p)]
+        if end > p:  # position q >= p: the output token q - p + 1 was sampled there
+            routes += self.output_routed_experts[max(start, p) - p + 1 : end - p + 1]
+        return routes
 
     @property
     def prompt_logprobs_spec(self) -> PromptLogprobsSpec | None:

@@ -34,6 +34,8 @@ class NewRequestData:
     num_computed_tokens: int
     # Which prompt positions need logprobs (prompt_logprobs or LLM.score); None: none.
     prompt_logprobs: PromptLogprobsSpec | None = None
+    # The experts given for each position (LLM.score's routing replay); None: the router's.
+    replay_routes: torch.Tensor | None = None
 
 
 @dataclass
@@ -183,6 +185,7 @@ class Scheduler:
                 NewRequestData(
                     req.req_id, req.all_token_ids, req.num_prompt_tokens, req.sampling_params,
                     req.stop_token_ids, req.generator, block_ids, num_hit, req.prompt_logprobs_spec,
+                    req.replay_routes,
                 )
             )
             self._advance(req, num_new, out)

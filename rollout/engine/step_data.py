@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from rollout.engine.request import TokenLogprobs
+from rollout.engine.routes import RouteChunk
 from rollout.models.backends import AttentionMetadata
 from rollout.outputs import SamplingMask
 
@@ -62,6 +63,8 @@ class SampledCopies:
     mask_num_kept: torch.Tensor | None = None  # [m] int64
     mask_min_kept: torch.Tensor | None = None  # [m] fp32
     mask_top_ids: torch.Tensor | None = None  # [m, min(MAX_KEPT_IDS, vocab)] int64
+    # Routed experts of StepHandle.route_rows (None when no row records them).
+    routes: torch.Tensor | None = None  # [num_copied, num_moe_layers, k] int32
 
 
 @dataclass
@@ -79,6 +82,8 @@ class StepHandle:
     done_pos: torch.Tensor  # [num_done] the position their token takes
     done_gens: torch.Tensor  # [num_done] InputBatch.row_gen_cpu at launch
     mask_rows: list[int] = field(default_factory=list)  # rows of this step with a sampling mask
+    # Rows of this step recording routes: routes.RoutePlan.rows.
+    route_rows: list[tuple[int, int, int, bool, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -94,3 +99,5 @@ class ModelRunnerOutput:
     nonfinite_req_ids: list[str] = field(default_factory=list)
     # Per request (same order), when that request asked for sampling masks (else None).
     sampling_masks: list[SamplingMask | None] = field(default_factory=list)
+    # Per request (same order), when that request records routed experts (else None).
+    routed_experts: list[RouteChunk | None] = field(default_factory=list)

@@ -42,6 +42,7 @@ class Submission(NamedTuple):
     params: SamplingParams
     request_id: str | None = None  # None: a fresh id when queued
     score: PromptLogprobsSpec | None = None  # set for LLM.score
+    replay_routes: Any = None  # LLM.score's given experts [positions, moe_layer, k]; None: the router's
 
 
 class OutputRouter:
@@ -132,18 +133,23 @@ class RequestFrontend:
             raise InvalidRequestError("request_ids", request_ids, f"None or {len(items)} str (one per prompt)")
         return [Submission(pp, final[id(sp)], rid) for pp, sp, rid in zip(processed, params, ids)]
 
-    def prepare_score(self, sequences: Any, prompt_lens: Any, temperature: Any) -> list[Submission]:
+    def prepare_score(
+        self, sequences: Any, prompt_lens: Any, temperature: Any, routed_experts: Any = None,
+    ) -> list[Submission]:
         """One scoring request per sequence: the sequence as a prompt, its logprobs from
         position ``prompt_len`` on, and one throwaway greedy token (the engine samples
-        after every prompt)."""
+        after every prompt); ``routed_experts`` replays given experts."""
         self.require_runnable("score")
         checked = self.input_processor.process_score(sequences, prompt_lens, temperature)
+        routes = self.input_processor.process_routes(routed_experts, checked)
         params = SamplingParams(
             temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False, output_kind=FINAL_ONLY, logprobs_mode="raw"
         )
         return [
-            Submission(ProcessedPrompt(None, ids), params, None, PromptLogprobsSpec(start=start, temperature=temperature))
-            for ids, start in checked
+            Submission(
+                ProcessedPrompt(None, ids), params, None, PromptLogprobsSpec(start=start, temperature=temperature), r,
+            )
+            for (ids, start), r in zip(checked, routes)
         ]
 
     def check_request_ids(self, ids_and_n: list[tuple[Any, int]]) -> None:
@@ -175,7 +181,9 @@ class RequestFrontend:
                 rid = str(next(self._counter))
         else:
             self.check_request_ids([(rid, sub.params.n)])  # again: taken since validation?
-        children = self.engine.add_request(rid, sub.prompt.prompt, sub.prompt.token_ids, sub.params, sub.score)
+        children = self.engine.add_request(
+            rid, sub.prompt.prompt, sub.prompt.token_ids, sub.params, sub.score, sub.replay_routes,
+        )
         if sink is not None:
             self.router.sinks[rid] = sink
         return rid, children

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from rollout.engine.routes import RouteShape
 from rollout.errors import InvalidRequestError
 from rollout.sampling_params import SamplingParams
 
@@ -48,9 +51,11 @@ def split_prompts(prompts: Any) -> list[Any]:
 class InputProcessor:
     def __init__(
         self, tokenizer: Any | None, vocab_size: int, max_model_len: int, max_prompt_tokens: int,
-        logprobs_mode: str = "processed",
+        logprobs_mode: str = "processed", routes: RouteShape | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        # The model's routed experts (None: no MoE layers, so none to return or replay).
+        self.routes = routes
         # What a SamplingParams with logprobs_mode=None reports (LLM(logprobs_mode=...)).
         self.logprobs_mode = logprobs_mode
         self.vocab_size = vocab_size
@@ -149,6 +154,50 @@ class InputProcessor:
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise InvalidRequestError("SamplingParams.stop_token_ids", bad, f"token ids in [0, {self.vocab_size})")
+        if params.return_routed_experts and self.routes is None:
+            raise InvalidRequestError(
+                "SamplingParams.return_routed_experts", True, "False for this model", "it has no MoE layers to route"
+            )
+
+    def process_routes(self, routed_experts: Any, checked: list[tuple[list[int], int]]) -> list[torch.Tensor | None]:
+        """``LLM.score``'s ``routed_experts``: None, or one entry per sequence, each None (its
+        router decides) or the experts of its positions ``[position][moe_layer][k]``: one per
+        position but the last (``prompt_routed_experts + routed_experts[1:]`` of a
+        generation), or one per position; k distinct ids in [0, num_experts) a position.
+        Returns int64 tensors [positions, moe_layer, k]."""
+        if routed_experts is None:
+            return [None] * len(checked)
+        if self.routes is None:
+            raise InvalidRequestError("routed_experts", "<routes>", "None for this model", "it has no MoE layers to route")
+        if not isinstance(routed_experts, (list, tuple)) or len(routed_experts) != len(checked):
+            raise InvalidRequestError(
+                "routed_experts", "<routes>", f"None or {len(checked)} entries (one per sequence)",
+            )
+        shape = self.routes
+        out: list[torch.Tensor | None] = []
+        for i, (r, (ids, _)) in enumerate(zip(routed_experts, checked)):
+            field = f"routed_experts[{i}]"
+            if r is None:
+                out.append(None)
+                continue
+            want = f"[{len(ids) - 1} or {len(ids)}][{shape.num_moe_layers}][{shape.top_k}] expert ids"
+            try:
+                t = torch.as_tensor(r)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise InvalidRequestError(field, "<routes>", want, str(e)) from None
+            if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+                raise InvalidRequestError(field, f"<{t.dtype} routes>", want + " (integers)")
+            if t.dim() != 3 or t.shape[0] not in (len(ids) - 1, len(ids)) or tuple(t.shape[1:]) != (
+                shape.num_moe_layers, shape.top_k,
+            ):
+                raise InvalidRequestError(field, f"<routes of shape {list(t.shape)}>", want)
+            t = t.to(torch.int64, copy=True)  # ours: a caller changing theirs later changes nothing
+            if t.numel() and (t.min() < 0 or t.max() >= shape.num_experts):
+                raise InvalidRequestError(field, "<routes>", f"expert ids in [0, {shape.num_experts})")
+            if shape.top_k > 1 and bool((t.sort(-1).values.diff(dim=-1) == 0).any()):
+                raise InvalidRequestError(field, "<routes>", f"{shape.top_k} distinct experts per position and layer")
+            out.append(t)
+        return out
 
     def _tokenize(self, text: Any, field: str) -> list[int]:
         if not isinstance(text, str):

@@ -15,6 +15,7 @@ import torch
 from rollout.compat.engine_view import EngineView
 from rollout.config import EngineConfig, VllmOptions
 from rollout.engine.request import Request
+from rollout.engine.routes import RouteShape
 from rollout.engine.worker import MEMORY_TAGS, Worker, describe
 from rollout.entrypoints.async_driver import AsyncDriver
 from rollout.entrypoints.frontend import RequestFrontend
@@ -140,7 +141,7 @@ class LLM:
         )
         self.input_processor = InputProcessor(
             self.tokenizer, self.config.model.vocab_size, self.config.model.max_model_len,
-            self.worker.engine.max_num_tokens, self.config.logprobs_mode,
+            self.worker.engine.max_num_tokens, self.config.logprobs_mode, RouteShape.of(self.worker.model),
         )
         #: vLLM's engine paths (``llm_engine.model_executor.driver_worker.model_runner.model``
         #: and friends) that frameworks push weights through: see ``rollout.compat.engine_view``.
@@ -348,7 +349,10 @@ class LLM:
         return final
 
     # ---- scoring -----------------------------------------------------------------------
-    def score(self, sequences: Any, prompt_lens: Sequence[int] | None = None, temperature: float = 1.0) -> list[list[float]]:
+    def score(
+        self, sequences: Any, prompt_lens: Sequence[int] | None = None, temperature: float = 1.0,
+        routed_experts: Any = None,
+    ) -> list[list[float]]:
         """Teacher-forced logprobs of given token sequences (old-policy / reference logprobs,
         rollout-vs-trainer mismatch probes). For each sequence ``s`` with prompt length ``p``
         (default 1), returns ``[logprob(s[i] | s[:i]) for i in range(p, len(s))]`` in fp32
@@ -357,8 +361,16 @@ class LLM:
         (any mode), and "scaled" logprobs at the sampling temperature. The KV of ``s[:p-1]``
         comes from the prefix cache where cached (a prompt just generated from, an earlier
         turn); the positions scored are always computed. Blocks until done; refuses while
-        paused. Sequences hold 1 to ``max_model_len`` tokens (``InvalidRequestError``)."""
-        batch = self._frontend.prepare_score(sequences, prompt_lens, temperature)
+        paused. Sequences hold 1 to ``max_model_len`` tokens (``InvalidRequestError``).
+
+        ``routed_experts`` (MoE models: routing replay): None, or per sequence None or the
+        experts of its positions ``[position][moe_layer][k]``, one per position but the last
+        (``prompt_routed_experts + routed_experts[1:]`` of the generation that sampled it; a
+        last one may be given too): each position is sent to those experts, with the
+        router's weights at them, instead of the router's choice. Such a sequence is
+        computed whole (no prefix cache). Checked (shape, k distinct ids in range) before
+        any work."""
+        batch = self._frontend.prepare_score(sequences, prompt_lens, temperature, routed_experts)
         todo = [i for i, sub in enumerate(batch) if sub.score.start < len(sub.prompt.token_ids)]
         reqs: dict[int, Request] = {}
         outs = [out for _, out in self._frontend.collect([batch[i] for i in todo], reqs)]
