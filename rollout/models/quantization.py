@@ -21,21 +21,26 @@ FP8_QUANTIZATION_CONFIG = {
 
 
 def quantization_of(hf_config: Any) -> str | None:
-    """"fp8" or None; any other ``quantization_config`` is refused by name."""
+    """"fp8", or None. An fp8 ``quantization_config`` of another layout is refused by name.
+    Other methods are not ours to read: None, the weights then decide (a module transformers
+    dequantized from GGUF records "gguf" but holds full-precision tensors; a checkpoint of
+    packed integer weights fails on its tensor names)."""
     qc = getattr(hf_config, "quantization_config", None)
     if qc is None:
         return None
     if not isinstance(qc, dict):
         qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
+    if qc.get("quant_method") != "fp8":
+        return None
     if (
-        qc.get("quant_method") == "fp8" and qc.get("fmt", "e4m3") == "e4m3"
+        qc.get("fmt", "e4m3") == "e4m3"
         and qc.get("activation_scheme", "dynamic") == "dynamic"
         and list(qc.get("weight_block_size") or []) == [128, 128]
         and not qc.get("ignored_layers") and not qc.get("modules_to_not_convert")
     ):
         return "fp8"
     raise UnsupportedModelError(
-        f"quantization_config {qc} is not supported; supported: none, or quant_method 'fp8' (e4m3) with "
+        f"quantization_config {qc} is not supported; supported: quant_method 'fp8' (e4m3) with "
         "weight_block_size [128, 128], dynamic activations and every linear layer quantized"
     )
 
@@ -47,8 +52,6 @@ def with_quantization(hf_config: Any, quantization: str | None) -> Any:
     if quantization is None or quantization_of(hf_config) == quantization:
         return hf_config
     assert quantization == "fp8", quantization
-    if getattr(hf_config, "quantization_config", None) is not None:  # quantization_of refused others
-        raise UnsupportedModelError(f"quantization={quantization!r} on a checkpoint quantized otherwise")
     config = copy.deepcopy(hf_config)
     config.quantization_config = dict(FP8_QUANTIZATION_CONFIG)
     return config
