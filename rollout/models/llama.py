@@ -115,12 +115,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(
         self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
-        parallel: ParallelState, mlp: nn.Module, quantization: str | None = None,
+        parallel: ParallelState, build_mlp: Callable[[int], nn.Module], quantization: str | None = None,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
+        # Attention first: its shape checks (heads vs tensor_parallel_size) report before the MLP's.
         self.self_attn = DecoderAttention(config, layer_idx, dtype, qkv_bias, qk_norm, rotary, parallel, quantization)
-        self.mlp = mlp  # (h [num_tokens, hidden]) -> [num_tokens, hidden], all-reduced
+        self.mlp = build_mlp(layer_idx)  # (h [num_tokens, hidden]) -> [num_tokens, hidden], all-reduced
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
 
@@ -152,7 +153,7 @@ class DecoderModel(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary, parallel, build_mlp(i), quantization)
+            DecoderLayer(config, i, dtype, qkv_bias, qk_norm, rotary, parallel, build_mlp, quantization)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
