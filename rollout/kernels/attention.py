@@ -19,6 +19,19 @@ def write_kv_ref(
     v_flat.index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
+def gather_kv(
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [max_blocks_per_req] int: one request's
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's cached K and V, [seq_len, num_kv_heads, head_dim] each, in position order."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
+    blocks = block_table[: -(-seq_len // block_size)].long()
+    k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+    v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+    return k, v
+
+
 def paged_attention_ref(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
@@ -33,19 +46,13 @@ def paged_attention_ref(
     last ``q_len`` positions of its ``seq_len`` tokens, so a decode (q_len 1), a fresh
     prompt (q_len == seq_len) and a chunk after a prefix hit are the same computation.
     """
-    block_size = kv_cache.shape[2]
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = kv_cache.shape[3]
-    group = num_heads // num_kv_heads
+    group = query.shape[1] // kv_cache.shape[3]  # q heads per kv head
     out = torch.empty_like(query)
     starts = query_start_loc_cpu.tolist()
     for i, seq_len in enumerate(seq_lens_cpu.tolist()):
         q = query[starts[i] : starts[i + 1]]
         q_len = q.shape[0]
-        num_blocks = -(-seq_len // block_size)
-        blocks = block_tables[i, :num_blocks].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k, v = gather_kv(kv_cache, block_tables[i], seq_len)
         # [heads, q_len, seq_len]: query j sits at position seq_len - q_len + j.
         qh = q.transpose(0, 1).float()
         kh = k.transpose(0, 1).float().repeat_interleave(group, dim=0)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rollout.kernels.attention import gather_kv
+from rollout.kernels.layernorm import rms_norm_with
 from rollout.kernels.rotary import rotary_ref
 
 
@@ -53,18 +55,13 @@ def rms_norm_rows(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``rms_norm_ref`` with each row's mean of squares reduced on its own."""
-    if residual is not None:
-        x = x + residual
-        residual = x
-    orig_dtype = x.dtype
-    h = x.float()
+    return rms_norm_with(_mean_square_rows, x, weight, eps, residual)
+
+
+def _mean_square_rows(h: torch.Tensor) -> torch.Tensor:
     if h.shape[0] == 0:
-        ms = h.pow(2).mean(-1, keepdim=True)
-    else:
-        ms = torch.cat([r.pow(2).mean(-1, keepdim=True) for r in _rows(h)])
-    h = h * torch.rsqrt(ms + eps)
-    out = weight * h.to(orig_dtype)
-    return out if residual is None else (out, residual)
+        return h.pow(2).mean(-1, keepdim=True)
+    return torch.cat([r.pow(2).mean(-1, keepdim=True) for r in _rows(h)])
 
 
 def rotary_rows(
@@ -123,17 +120,12 @@ def paged_attention_rows(
     """Causal paged attention, each query token attending on its own (``attend_one``):
     the same maths as ``paged_attention_ref``, with no token's result depending on the
     others in the call."""
-    block_size = kv_cache.shape[2]
-    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     starts = query_start_loc_cpu.tolist()
     outs = []
     for i, seq_len in enumerate(seq_lens_cpu.tolist()):
         q = query[starts[i] : starts[i + 1]]
         q_len = q.shape[0]
-        num_blocks = -(-seq_len // block_size)
-        blocks = block_tables[i, :num_blocks].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k, v = gather_kv(kv_cache, block_tables[i], seq_len)
         for j in range(q_len):
             ctx = seq_len - q_len + j + 1  # query j sits at position ctx - 1
             outs.append(attend_one(q[j], k[:ctx], v[:ctx], scale))
