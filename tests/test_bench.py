@@ -65,12 +65,54 @@ def test_roofline_formulas():
     assert two["decode_steps"] == 4 and two["decode_s"] == pytest.approx(2 * expected)
 
 
+def test_roofline_counts_the_experts_a_step_reaches():
+    """MoE: W less the experts the batch's tokens do not reach, uniform routing of k of E."""
+    m = roofline.ModelStats(weight_bytes=1000, matmul_params=500, lm_head_params=100, kv_bytes_per_token=10,
+                            layers=2, heads=4, head_dim=8, vocab=50, itemsize=2, expert_bytes=800,
+                            expert_params=400, num_experts=8, top_k=2)
+    assert m.active_expert_fraction(1) == pytest.approx(2 / 8)
+    assert m.active_expert_fraction(2) == pytest.approx(1 - (6 / 8) ** 2)
+    assert m.active_expert_fraction(10_000) == pytest.approx(1.0)
+    cost = roofline.decode_step(m, batch=1, total_context=30)
+    assert cost.bytes == pytest.approx(200 + 800 * 2 / 8 + 10 * 31 + 50 * 2)
+    assert cost.flops == pytest.approx(2 * (100 + 400 * 2 / 8) + 4 * 2 * 4 * 8 * 30)
+
+
+def test_model_stats_of_a_moe_and_an_fp8_engine(tmp_path):
+    """ModelStats reads the experts of a MoE engine and counts each parameter's own bytes
+    (fp8 weights 1 a element, their fp32 scales 4)."""
+    from rollout.bench.common import Options, build_llm
+
+    opts = Options(device="cpu", dtype="float32")
+    llm = build_llm(opts, "tiny-moe", max_model_len=64, num_kv_blocks=8)
+    cfg = llm.hf_config
+    stats = roofline.ModelStats.from_model(llm.model, cfg)
+    per_layer = cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size
+    moe_layers = cfg.num_hidden_layers - len(cfg.mlp_only_layers)
+    assert stats.num_experts == 8 and stats.top_k == 2
+    assert stats.expert_params == per_layer * moe_layers and stats.expert_bytes == 4 * stats.expert_params
+    llm.shutdown()
+    dense = build_llm(opts, "tiny", max_model_len=64, num_kv_blocks=8)
+    fp8 = build_llm(Options(device="cpu", dtype="float32", quantization="fp8"), "tiny", max_model_len=64,
+                    num_kv_blocks=8)
+    a, b = (roofline.ModelStats.from_model(x.model, x.hf_config) for x in (dense, fp8))
+    assert a.matmul_params == b.matmul_params and a.itemsize == b.itemsize == 4
+    params = dict(fp8.model.named_parameters())
+    fp8_elements = sum(p.numel() for p in params.values() if p.element_size() == 1)
+    scale_bytes = sum(4 * p.numel() for n, p in params.items() if n.endswith("_scale_inv"))
+    assert fp8_elements > 0.5 * a.matmul_params  # the decoder's linears (not the LM head, embedding, norms)
+    assert a.weight_bytes - b.weight_bytes == 3 * fp8_elements - scale_bytes
+    dense.shutdown()
+    fp8.shutdown()
+
+
 @pytest.mark.parametrize("workload,extra", [
     ("decode-step", []), ("nano-bench", []), ("peer", []), ("peer", ["--peer-workload", "nano-bench"]), ("rl-cycle", []),
+    ("decode-step", ["--model", "tiny-moe", "--return-routes"]), ("rl-cycle", ["--model", "tiny-moe", "--quantization", "fp8"]),
 ])
 def test_workload_smoke(workload, extra, tmp_path):
     out = tmp_path / f"{workload}.json"
-    args = [workload, "--model", "tiny", "--device", "cpu", "--scale", "0.01", "--kv-cache-gb", "0.01", "--out", str(out),
+    args = [workload, *([] if "--model" in extra else ["--model", "tiny"]), "--device", "cpu", "--scale", "0.01", "--kv-cache-gb", "0.01", "--out", str(out),
             *extra]
     if workload == "decode-step":
         args += ["--batches", "1,256"]  # 1 and 3 at this scale (the default 1,64,256 is refused)
@@ -80,7 +122,8 @@ def test_workload_smoke(workload, extra, tmp_path):
     for key in ("gpu", "torch", "triton", "transformers", "rollout", "date", "git_commit"):
         assert key in rec["env"], key
     assert rec["hardware"]["copy_bw"] > 0 and rec["hardware"]["matmul_rate"] > 0
-    assert rec["configs"]["tiny"]["num_hidden_layers"] == 2
+    model = extra[extra.index("--model") + 1] if "--model" in extra else "tiny"
+    assert rec["configs"][model]["num_hidden_layers"] == 2
     assert rec["options"]["scale"] == 0.01 and rec["roofline_fraction"] and rec["rows"]
     expected = {
         "decode-step": ("batch", "step_ms", "forward_ms", "host_overhead_ms", "roofline_ms", "roofline_fraction"),

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--batch-invariant", action="store_true",
                    help="exact on-policy mode (LLM(batch_invariant=True)) for decode-step, nano-bench, rollout-long")
+    p.add_argument("--quantization", choices=["fp8"], help="LLM(quantization=...): FP8 weights and activations")
+    p.add_argument("--return-routes", action="store_true",
+                   help="decode-step: requests return their routed experts (MoE models; routing replay's cost)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="decode-step: ranks of one model, under torchrun --nproc-per-node (a multiple of it)")
@@ -94,7 +97,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
             kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
             enforce_eager=a.enforce_eager, batch_invariant=a.batch_invariant, peer_workload=peer_workload,
             batches=tuple(int(b) for b in a.batches.split(",")), tensor_parallel_size=k,
-            profile_steps=a.profile_steps,
+            profile_steps=a.profile_steps, quantization=a.quantization, return_routes=a.return_routes,
         )
         if workload in ("decode-step", "all") or (workload, peer_workload) == ("peer", "decode-step"):
             opts.decode_batches()  # refuses a --scale that would drop batches, before any work

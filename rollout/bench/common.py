@@ -35,6 +35,9 @@ class Options:
     kv_cache_bytes: int | None = None  # None: the platform sizes the KV cache
     enforce_eager: bool = False
     batch_invariant: bool = False  # exact on-policy mode's kernels
+    quantization: str | None = None  # LLM(quantization=...): None or "fp8"
+    # decode-step: every request returns its routed experts (MoE routing replay's cost).
+    return_routes: bool = False
     peer_workload: str = "nano-bench"  # what `peer` runs through both engines
     batches: tuple[int, ...] = (1, 64, 256)  # decode-step batch sizes (before scaling)
     # Ranks of one model; > 1 runs under torchrun, in a world of a multiple of it (dist.py).
@@ -97,7 +100,8 @@ def build_llm(opts: Options, model: str, **kwargs: Any):
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model_dir(model, Path(tmp))
         return LLM(path, dtype=opts.dtype, device=opts.device, seed=opts.seed, load_format="dummy",
-                   enforce_eager=opts.enforce_eager, batch_invariant=opts.batch_invariant, **kwargs)
+                   enforce_eager=opts.enforce_eager, batch_invariant=opts.batch_invariant,
+                   quantization=opts.quantization, **kwargs)
 
 
 def dispose(llm: Any) -> None:

@@ -14,6 +14,10 @@ decode step of the whole batch (checked: B tokens per step, no preemption). Repo
   the forward is replayed from a CUDA graph; ``--enforce-eager`` shows the eager split.
 - ``roofline_ms`` and ``roofline_fraction`` = roofline_ms / step_ms (see roofline.py), with
   the mean context actually attended (prefill steps interleave decodes of early requests).
+- with ``--return-routes`` (MoE models): every request asks for its routed experts, so
+  each step also copies them to the host (routing replay's cost: compare with a run
+  without). The roofline's expert bytes are those of the experts B tokens reach
+  (roofline.py).
 - with ``--profile-steps N``: ``profile``, N more steps under the torch profiler, kernel
   time per step by category (kernel_profile.py); not part of the timings above.
 
@@ -57,7 +61,10 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
                     block_size=block_size, num_kv_blocks=max(batches) * blocks_per_seq + 8)
     stats = roofline.ModelStats.from_model(llm.model, llm.hf_config, opts.tensor_parallel_size)
     vocab = hf_config(model).vocab_size
-    rows = [_one_batch(llm, b, context, steps, vocab, stats, hw, random.Random(opts.seed + b), opts.profile_steps)
+    if opts.return_routes and not stats.num_experts:
+        raise ValueError(f"--return-routes needs a MoE model; {model} has no experts")
+    rows = [_one_batch(llm, b, context, steps, vocab, stats, hw, random.Random(opts.seed + b), opts.profile_steps,
+                       opts.return_routes)
             for b in batches]
     dispose(llm)
     world = world_size()
@@ -75,11 +82,12 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
 
 
 def _one_batch(llm, batch: int, context: int, steps: int, vocab: int, stats: roofline.ModelStats,
-               hw: roofline.Hardware, rng: random.Random, profile_steps: int = 0) -> dict[str, Any]:
+               hw: roofline.Hardware, rng: random.Random, profile_steps: int = 0,
+               return_routes: bool = False) -> dict[str, Any]:
     device = llm.device
     # FINAL_ONLY, as generate: a step builds no outputs for requests still running.
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=llm.max_model_len - (context - 1),
-                            detokenize=False, output_kind="final_only")
+                            detokenize=False, output_kind="final_only", return_routed_experts=return_routes)
     req_ids = [f"decode-b{batch}-{i}" for i in range(batch)]
     prompts = [[rng.randrange(vocab) for _ in range(context - 1)] for _ in req_ids]
     # The ranks of a TP group must be given the same requests.

@@ -27,6 +27,14 @@ each step decodes one token of every running sequence at the t above. The ceilin
 output tokens / that time; a workload's fraction is ceiling time / measured time.
 Activations and norms are not counted (small next to weights and KV at these sizes).
 
+Mixture of experts: W holds every expert, but a step of T tokens reads only the experts
+they route to: W_step = W - X * (1 - a(T)) with X the experts' bytes and a(T) = 1 - (1 -
+k/E)^T the expected fraction of a layer's E experts that T tokens picking k each reach
+(uniform routing, which random weights approach), and a token multiplies with P - P_X *
+(1 - k/E) parameters. Quantized weights count their own bytes (fp8: 1 per element plus the
+fp32 block scales); the activations, KV and logits stay in the run's dtype, and the FLOP
+rate stays the run's dtype's (a conservative floor for an fp8 GEMM that is compute-bound).
+
 Tensor parallelism over K ranks (``ModelStats.from_model(..., tensor_parallel_size=K)``,
 built from one rank's shard): every quantity is that rank's, i.e. one GPU's, and the
 formulas above stay as they are. W and P = the shard's parameters: 1/K of every linear
@@ -112,7 +120,7 @@ def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware:
 
 @dataclass(frozen=True)
 class ModelStats:
-    weight_bytes: int  # W: read by every step
+    weight_bytes: int  # W: read by every step (all experts of a MoE model; see expert_bytes)
     matmul_params: int  # P
     lm_head_params: int
     kv_bytes_per_token: int
@@ -120,20 +128,30 @@ class ModelStats:
     heads: int
     head_dim: int
     vocab: int  # the full vocab (logits are gathered whole on every rank)
-    itemsize: int
+    itemsize: int  # of the activations, KV and logits (the run's dtype)
     tensor_parallel_size: int = 1  # K: the fields above are one rank's of K
+    # MoE: the routed experts' share of W and P (every MoE layer's stacked experts, with
+    # their fp8 scales), and how many experts a layer has and a token picks.
+    expert_bytes: int = 0
+    expert_params: int = 0
+    num_experts: int = 0
+    top_k: int = 0
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, hf_config: Any, tensor_parallel_size: int = 1) -> ModelStats:
         """The stats of ``model``, this rank's shard of a model over ``tensor_parallel_size``
-        ranks (the whole model for 1); see the module docstring."""
+        ranks (the whole model for 1); see the module docstring. Bytes are each parameter's
+        own (an fp8 weight 1 per element, its fp32 scales 4)."""
         k = tensor_parallel_size
-        params = {id(p): p for p in model.parameters()}.values()
-        numel = sum(p.numel() for p in params)
-        itemsize = next(iter(params)).element_size()
+        named = {id(p): (n, p) for n, p in model.named_parameters()}.values()
+        numel = sum(p.numel() for n, p in named if not n.endswith("_scale_inv"))  # fp8 scales multiply nothing
+        nbytes = sum(p.numel() * p.element_size() for _, p in named)
+        embedding = model.get_parameter("model.embed_tokens.weight")
+        itemsize = embedding.element_size()
         vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
         vocab_rows = -(-vocab // k)  # the rank's vocab-parallel slice, padded (the whole vocab for 1)
         untied_embedding = 0 if getattr(hf_config, "tie_word_embeddings", False) else vocab_rows * hidden
+        experts = [p for n, p in named if ".experts." in n]  # with their scales
         heads = hf_config.num_attention_heads
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
         # The model's own count when it has one (the engine sizes its KV cache by it): with
@@ -142,11 +160,33 @@ class ModelStats:
         head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
         layers = hf_config.num_hidden_layers
         return cls(
-            weight_bytes=(numel - untied_embedding) * itemsize, matmul_params=numel - untied_embedding,
+            weight_bytes=nbytes - untied_embedding * itemsize, matmul_params=numel - untied_embedding,
             lm_head_params=vocab_rows * hidden, kv_bytes_per_token=2 * layers * kv_heads * head_dim * itemsize,
             layers=layers, heads=heads // k, head_dim=head_dim, vocab=vocab, itemsize=itemsize,
             tensor_parallel_size=k,
+            expert_bytes=sum(p.numel() * p.element_size() for p in experts),
+            expert_params=sum(p.numel() for n, p in named if ".experts." in n and not n.endswith("_scale_inv")),
+            num_experts=getattr(hf_config, "num_experts", 0) if experts else 0,
+            top_k=getattr(hf_config, "num_experts_per_tok", 0) if experts else 0,
         )
+
+    def active_expert_fraction(self, tokens: int) -> float:
+        """The expected fraction of a MoE layer's experts that ``tokens`` tokens route to,
+        each picking ``top_k`` of ``num_experts`` uniformly (random weights route near
+        uniformly; a trained router's skew only lowers it): 1 - (1 - k/E)^T. 1 without experts."""
+        if not self.num_experts:
+            return 1.0
+        return 1.0 - (1.0 - self.top_k / self.num_experts) ** tokens
+
+    def step_weight_bytes(self, tokens: int) -> float:
+        """W a step of ``tokens`` tokens reads: every dense weight, the experts it routes to."""
+        return self.weight_bytes - self.expert_bytes * (1.0 - self.active_expert_fraction(tokens))
+
+    def token_params(self) -> float:
+        """The parameters one token is multiplied with: P less the experts it does not pick."""
+        if not self.num_experts:
+            return self.matmul_params
+        return self.matmul_params - self.expert_params * (1.0 - self.top_k / self.num_experts)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,8 +207,9 @@ class Cost:
 def decode_step(m: ModelStats, batch: int, total_context: int) -> Cost:
     attn = 4 * m.layers * m.heads * m.head_dim
     return Cost(
-        bytes=m.weight_bytes + m.kv_bytes_per_token * (total_context + batch) + batch * m.vocab * m.itemsize,
-        flops=2 * m.matmul_params * batch + attn * total_context,
+        bytes=m.step_weight_bytes(batch) + m.kv_bytes_per_token * (total_context + batch)
+        + batch * m.vocab * m.itemsize,
+        flops=2 * m.token_params() * batch + attn * total_context,
     )
 
 
@@ -177,8 +218,8 @@ def prefill(m: ModelStats, prompt_lens: list[int], max_batched_tokens: int) -> C
     steps = max(1, math.ceil(total / max_batched_tokens))
     attn = 2 * m.layers * m.heads * m.head_dim * sum(n * n for n in prompt_lens)
     return Cost(
-        bytes=m.weight_bytes * steps + m.kv_bytes_per_token * total,
-        flops=2 * (m.matmul_params - m.lm_head_params) * total + 2 * m.lm_head_params * len(prompt_lens) + attn,
+        bytes=m.step_weight_bytes(min(total, max_batched_tokens)) * steps + m.kv_bytes_per_token * total,
+        flops=2 * (m.token_params() - m.lm_head_params) * total + 2 * m.lm_head_params * len(prompt_lens) + attn,
     )
 
 
