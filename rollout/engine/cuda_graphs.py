@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rollout.models.backends import AttentionBackend, AttentionMetadata, Ops
-from rollout.models.forward_context import ForwardContext, set_forward_context
+from rollout.models.forward_context import ExpertRoutes, ForwardContext, set_forward_context
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,15 @@ class CudaGraphRunner:
     def __init__(
         self, model: nn.Module, kv_caches: list[torch.Tensor], backend: AttentionBackend, ops: Ops,
         device: torch.device, *, max_num_seqs: int, max_blocks_per_req: int, block_size: int,
-        scratch_block: int, max_model_len: int,
+        scratch_block: int, max_model_len: int, expert_routes: ExpertRoutes | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
         self.ops = ops
         self.device = device
+        # MoE models: every replay writes its rows' routed experts here (RouteRecorder.graph_routes).
+        self.expert_routes = expert_routes
         self.sizes = capture_sizes(max_num_seqs)
         self.max_model_len = max_model_len
         self.scratch_block = scratch_block
@@ -65,7 +67,7 @@ class CudaGraphRunner:
             query_start_loc_cpu=None, seq_lens_cpu=None, max_query_len=1, max_seq_len=self.max_model_len,
             decode_only=True,
         )
-        with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops)):
+        with set_forward_context(ForwardContext(md, self.kv_caches, self.backend, self.ops, self.expert_routes)):
             hidden = self.model(self.input_ids[:size], self.positions[:size])
             return self.model.compute_logits(hidden)
 

@@ -135,6 +135,7 @@ class ModelRunner:
             self.model, self.kv_caches, self.backend, self.ops, self.device, max_num_seqs=self.batch.max_num_seqs,
             max_blocks_per_req=self.max_blocks_per_req, block_size=self.block_size,
             scratch_block=self.scratch_block, max_model_len=self.max_model_len,
+            expert_routes=self.routes.graph_routes(),
         )
         self.graphs.capture()
 
@@ -167,8 +168,9 @@ class ModelRunner:
         inputs = self._device_inputs(host, dev)
         self._fill_sampling_metadata(smd, dev)
         md = inputs.attn
-        # A step that records or replays routes runs eagerly: the graphs capture no routes.
-        if routes is None and self._use_graphs(rows, md):
+        # Graphs record every decode row's routes into the plan's buffer; a step that replays
+        # given routes runs eagerly.
+        if (routes is None or routes.routes.replay is None) and self._use_graphs(rows, md):
             hidden = None
             logits = self.graphs.run(inputs.input_ids, inputs.positions, md.slot_mapping, md.block_tables, md.seq_lens)
         else:

@@ -92,9 +92,7 @@ class RouteRecorder:
         ]
         if not asking:
             return None, {}
-        if self._buffer is None:
-            s = self.shape
-            self._buffer = torch.zeros(s.num_moe_layers, self.max_num_tokens, s.top_k, dtype=torch.int64, device=self.device)
+        buffer = self._ensure_buffer()
         rows: list[tuple[int, int, int, bool]] = []
         gather: list[torch.Tensor] = []
         replay_idx: list[torch.Tensor] = []
@@ -116,11 +114,24 @@ class RouteRecorder:
         replay = None
         if replay_idx:
             idx = torch.cat(replay_idx).to(self.device)
-            self._buffer[:, idx] = torch.cat(replay_ids).transpose(0, 1).to(self.device)
+            buffer[:, idx] = torch.cat(replay_ids).transpose(0, 1).to(self.device)
             replay = torch.zeros(int(cu[-1]), dtype=torch.bool, device=self.device)
             replay[idx] = True
         send = {"route_idx": torch.cat(gather)} if gather else {}  # [num_copied] int64
-        return RoutePlan(ExpertRoutes(self._buffer, replay), rows), send
+        return RoutePlan(ExpertRoutes(buffer, replay), rows), send
+
+    def graph_routes(self) -> ExpertRoutes | None:
+        """What CUDA-graph decode steps record into (None for a model without MoE layers):
+        the buffer ``plan`` reads back, so a recording decode step can replay its graph."""
+        return None if self.shape is None else ExpertRoutes(self._ensure_buffer())
+
+    def _ensure_buffer(self) -> torch.Tensor:
+        """The [num_moe_layers, max_num_tokens, k] int64 buffer, allocated once: graphs
+        capture its address."""
+        if self._buffer is None:
+            s = self.shape
+            self._buffer = torch.zeros(s.num_moe_layers, self.max_num_tokens, s.top_k, dtype=torch.int64, device=self.device)
+        return self._buffer
 
     @staticmethod
     def unpack(

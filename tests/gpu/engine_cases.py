@@ -207,7 +207,33 @@ def case_default_kv_sizing(work: Path) -> dict:
     return {"generated": ok, "used_fraction": (total - free) / total, "num_blocks": llm.stats().num_kv_blocks}
 
 
-CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_shutdown_frees_everything, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing)}
+def case_moe_routes_in_graphs(work: Path) -> dict:
+    """fp32 Qwen3-MoE: decode steps replayed from CUDA graphs record each token's routed
+    experts, so tokens, logprobs and routes equal the eager engine's; graphs were used."""
+    from tests.test_qwen3_moe import build_moe_dir
+
+    d = work / "moe_norm"
+    if not (d / "config.json").exists():
+        tok = work / "tok"
+        if not tok.exists():
+            build_tokenizer(tok)
+        build_moe_dir("norm", d, tok)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0, return_routed_experts=True)
+
+    def run(**kw) -> tuple[list, list, list, list]:
+        llm = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128, **kw)
+        outs = llm.generate(PROMPTS, params)
+        replays = 0 if llm.worker.runner.graphs is None else len(llm.worker.runner.graphs.graphs)
+        llm.shutdown()
+        return ([o.outputs[0].token_ids for o in outs], [o.outputs[0].routed_experts for o in outs],
+                [o.prompt_routed_experts for o in outs], [replays])
+
+    eager, graphs = run(enforce_eager=True), run()
+    return {"tokens": graphs[0] == eager[0], "routes": graphs[1] == eager[1], "prompt_routes": graphs[2] == eager[2],
+            "routes_complete": all(len(r) == 24 for r in graphs[1]), "captured": graphs[3][0] > 0}
+
+
+CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_shutdown_frees_everything, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing, case_moe_routes_in_graphs)}
 
 if __name__ == "__main__":
     name, work = sys.argv[1], Path(sys.argv[2])

@@ -63,3 +63,8 @@ def test_bf16_triton_logprobs_close_to_torch_path(tmp_path_factory):
 def test_kv_sized_by_memory_utilization_after_profile_run(tmp_path_factory):
     r = run_case("default_kv_sizing", tmp_path_factory)
     assert r["generated"] and 0.25 < r["used_fraction"] < 0.32, r
+
+
+def test_moe_routes_recorded_inside_cuda_graphs(tmp_path_factory):
+    r = run_case("moe_routes_in_graphs", tmp_path_factory)
+    assert all(r.values()), r
