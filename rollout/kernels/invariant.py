@@ -10,6 +10,11 @@ forward over whole sequences, which calls these same functions. Elementwise oper
 (rotary, SiLU-and-mul, residual adds) are invariant as they are. Every function is
 differentiable (the trainer's backward runs through them; it need not be invariant).
 
+Mixture-of-experts routing needs nothing here: the router is a linear layer (``linear_rows``
+through the op set) and ``moe.route`` is a softmax and a top-k over each token's own row of
+router logits, computed row by row by torch as the sampler's softmax is (tests/test_exact_moe.py
+checks both against each row alone). ``fused_moe_rows`` runs the experts.
+
 Slow by design: one small call per token per operation. On GPU the Triton kernels with
 fixed tilings give the same guarantee at speed.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rollout.kernels.activation import silu_and_mul_ref
 from rollout.kernels.attention import gather_kv
 from rollout.kernels.layernorm import rms_norm_with
 from rollout.kernels.rotary import rotary_ref
@@ -49,6 +55,27 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if x.shape[0] == 0:
         return F.linear(x, weight, bias)
     return torch.cat([F.linear(r, weight, bias) for r in _rows(x)])
+
+
+def fused_moe_rows(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """``moe.fused_moe_ref`` (same signature, loop and roundings) with each expert's gate/up
+    and down projections through ``linear_rows``: every token's GEMVs are its own calls,
+    whatever other tokens chose that expert. A token's k products are added to its zero row
+    in ascending expert id, one ``index_add_`` per expert (a token is at most once in each:
+    its k ids are distinct), so its sum has one order; adds and products are elementwise.
+
+    x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k]; topk_ids [T, k] -> [T, H]
+    in x's dtype. Differentiable in x, w13, w2 and topk_weights."""
+    out = torch.zeros_like(x)  # [T, H]
+    weights = topk_weights.to(x.dtype)
+    slot_token = topk_ids.t()  # [k, T]
+    for expert in torch.unique(topk_ids).tolist():  # ascending: each token's order of adds
+        slot, token = torch.where(slot_token == expert)
+        h = linear_rows(silu_and_mul_ref(linear_rows(x[token], w13[expert])), w2[expert])  # [n, H]
+        out.index_add_(0, token, h * weights[token, slot, None])
+    return out
 
 
 def rms_norm_rows(

@@ -24,6 +24,19 @@ exact zeros to its sum and accumulator. So a row's result is the same whether it
 ends at its own position (a decode) or further (a prefill chunk of any size or offset, the
 trainer's whole sequence), and whichever requests share the step.
 
+``fused_moe_invariant``: ``triton_moe``'s kernels with one tiling (``_moe_tiles``, from
+the dtype only). There a program computes a block of BLOCK_M (token, slot) pairs of one
+expert times a column tile of its weights, its K loop from 0 upward with no split-K, and a
+token's k products are summed by one program in ascending expert id; only the tile height,
+which ``triton_moe.moe_tiles`` picks from the tokens per expert, made a token's bits depend
+on the batch. With it fixed, a pair's row is an independent lane of the same MMA at any row
+of any block, as in the matmul; which block it lands in (the alignment) moves it, never
+changes how it is computed. No host sync: decode steps stay in CUDA graphs. The router
+needs nothing new: its linear is ``linear_invariant`` and ``moe.route`` is torch's softmax
+(one warp per row for E <= 1024, configured from E alone) and top-k (a single-block radix
+select per row: the multi-block path, which the number of rows can select, needs E >= 300;
+Qwen3-MoE has 128). tests/gpu/check_invariant.py checks both rows across batch sizes.
+
 RMSNorm (``triton_layernorm.rms_norm``: one program per row, block and warps from the
 hidden size), rotary (one program per token) and SiLU-and-mul (elementwise) are invariant
 as they are. The trainer's forward (``trainers_integration/exact.py``) runs these same
@@ -41,11 +54,14 @@ import triton.language as tl
 from rollout.kernels.activation import silu_and_mul_ref
 from rollout.kernels.attention import paged_attention_ref, write_kv_ref
 from rollout.kernels.layernorm import rms_norm_ref
+from rollout.kernels.moe import fused_moe_ref
 from rollout.kernels.rotary import rotary_ref
 from rollout.kernels.triton_activation import silu_and_mul as _silu_and_mul_triton
 from rollout.kernels.triton_attention import _find_request
 from rollout.kernels.triton_attention import write_kv as _write_kv_triton
 from rollout.kernels.triton_layernorm import rms_norm as _rms_norm_triton
+from rollout.kernels.triton_moe import MoeTiles
+from rollout.kernels.triton_moe import fused_moe as _fused_moe_triton
 from rollout.kernels.triton_rotary import rotary as _rotary_triton
 from rollout.kernels.triton_utils import round_as
 
@@ -362,6 +378,40 @@ def write_kv_invariant(key, value, kv_cache, slot_mapping) -> None:
         write_kv_ref(key, value, kv_cache, slot_mapping)
     else:
         _write_kv_triton(key, value, kv_cache, slot_mapping)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused mixture-of-experts
+# ---------------------------------------------------------------------------------------
+
+
+def _moe_tiles(dtype: torch.dtype) -> MoeTiles:
+    """The one tiling of ``fused_moe_invariant``: a function of the dtype, never of the
+    number of tokens. Blocks of ``_MM_BLOCK_M`` pairs (one wgmma height, as the matmul's).
+    Not timed yet (tests/gpu/check_invariant.py times it): narrow column tiles keep a decode step's few
+    experts on many SMs (T=1, k=8, I=768: 8 x 768/32 = 192 gate/up programs) as the fast
+    kernel's decode tiles do; prefill then runs 64x(32+32) tiles, below the fast kernel's
+    128x(64+64). fp32 runs ieee FMAs with smaller K steps, as the matmul's."""
+    if dtype == torch.float32:
+        return MoeTiles(_MM_BLOCK_M, 32, 32, 32, 32, num_warps=4, num_stages=2)
+    return MoeTiles(_MM_BLOCK_M, 32, 64, 64, 64, num_warps=4, num_stages=4)
+
+
+def _fused_moe_launch(x, w13, w2, topk_weights, topk_ids):
+    return _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, tiles=_moe_tiles(x.dtype))
+
+
+def fused_moe_invariant(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """``moe.fused_moe_ref``'s call (x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights
+    [T, k], topk_ids [T, k] -> [T, H] in x's dtype), each token's bits independent of the
+    other tokens (module docstring). Differentiable in x, the expert weights and the routing
+    weights: the backward recomputes with ``fused_moe_ref``."""
+    args = (x, w13, w2, topk_weights, topk_ids)
+    if _needs_grad(x, w13, w2, topk_weights):
+        return _KernelForwardRefBackward.apply(_fused_moe_launch, fused_moe_ref, *args)
+    return _fused_moe_launch(*args)
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from rollout.errors import PlatformError
 from rollout.kernels.activation import silu_and_mul_ref
 from rollout.kernels.attention import paged_attention_ref, paged_attention_sdpa, paged_decode_sdpa, write_kv_ref
 from rollout.kernels.fp8 import fp8_linear_ref
-from rollout.kernels.invariant import linear_rows, log_softmax_rows, paged_attention_rows, rms_norm_rows, rotary_rows
+from rollout.kernels.invariant import (
+    fused_moe_rows, linear_rows, log_softmax_rows, paged_attention_rows, rms_norm_rows, rotary_rows,
+)
 from rollout.kernels.layernorm import rms_norm_ref
 from rollout.kernels.moe import fused_moe_ref
 from rollout.kernels.penalties import apply_penalties_ref
@@ -201,7 +203,7 @@ TORCH_OPS = Ops("torch", rms_norm_ref, rotary_ref, silu_and_mul_ref)
 # Exact on-policy mode off-GPU: every reduction once per token (rollout.kernels.invariant).
 TORCH_INVARIANT_OPS = Ops(
     "torch_invariant", rms_norm_rows, rotary_rows, silu_and_mul_ref, linear=linear_rows, log_softmax=log_softmax_rows,
-    batch_invariant=True,
+    fused_moe=fused_moe_rows, batch_invariant=True,
 )
 
 
@@ -219,17 +221,18 @@ def _triton_ops() -> Ops:
 
 
 def _triton_invariant_ops() -> Ops:
-    # Exact on-policy mode on GPU: fixed-tiling matmul, per-row RMSNorm, per-token rotary,
-    # elementwise SiLU-and-mul; Triton forwards, differentiable for the trainer.
+    # Exact on-policy mode on GPU: fixed-tiling matmul and fused MoE, per-row RMSNorm,
+    # per-token rotary, elementwise SiLU-and-mul; Triton forwards, differentiable for the trainer.
     from rollout.kernels.triton_invariant import (
-        linear_invariant, log_softmax_invariant, rms_norm_invariant, rotary_invariant, silu_and_mul_invariant,
+        fused_moe_invariant, linear_invariant, log_softmax_invariant, rms_norm_invariant, rotary_invariant,
+        silu_and_mul_invariant,
     )
     from rollout.kernels.triton_penalties import apply_penalties
 
     return Ops(
         "triton_invariant", rms_norm_invariant, rotary_invariant, silu_and_mul_invariant,
         apply_penalties=apply_penalties, linear=linear_invariant, log_softmax=log_softmax_invariant,
-        batch_invariant=True,
+        fused_moe=fused_moe_invariant, batch_invariant=True,
     )
 
 

@@ -2,7 +2,9 @@
 heads, 2 KV heads, head_dim 128, intermediate 8960, vocab 151936), bf16: bitwise
 invariance of matmul/attention/RMSNorm/log_softmax rows across batch layouts, then
 timings of matmul_invariant against cuBLAS (torch F.linear) and of the attention against
-the default Triton attention.
+the default Triton attention; then Qwen3-30B-A3B's MoE (hidden 2048, 128 experts, top-8,
+expert intermediate 768): the router's and ``fused_moe_invariant``'s rows bitwise across
+batch sizes, and its timings against the default ``triton_moe.fused_moe``.
 
     python -m tests.gpu.check_invariant [--quick]
 
@@ -16,10 +18,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from rollout.kernels import triton_attention
+from rollout.kernels import triton_attention, triton_moe
 from rollout.kernels.attention import paged_attention_ref
+from rollout.kernels.moe import fused_moe_ref, route
 from rollout.kernels.triton_invariant import (
-    log_softmax_invariant, matmul_invariant, paged_attention_invariant, rms_norm_invariant,
+    fused_moe_invariant, log_softmax_invariant, matmul_invariant, paged_attention_invariant, rms_norm_invariant,
 )
 
 DEV = torch.device("cuda")
@@ -203,6 +206,49 @@ def time_attention() -> None:
               f"ratio {t_inv / t_ref:5.2f}")
 
 
+MOE_HIDDEN, MOE_EXPERTS, MOE_TOP_K, MOE_INTER = 2048, 128, 8, 768
+
+
+def _moe_inputs(num_tokens: int, seed: int):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(num_tokens, MOE_HIDDEN, generator=gen, device=DEV).to(BF16)
+    w13 = (torch.randn(MOE_EXPERTS, 2 * MOE_INTER, MOE_HIDDEN, generator=gen, device=DEV) * MOE_HIDDEN**-0.5).to(BF16)
+    w2 = (torch.randn(MOE_EXPERTS, MOE_HIDDEN, MOE_INTER, generator=gen, device=DEV) * MOE_INTER**-0.5).to(BF16)
+    logits = torch.randn(num_tokens, MOE_EXPERTS, generator=gen, device=DEV).to(BF16)
+    return x, w13, w2, logits
+
+
+def check_moe(quick: bool) -> None:
+    rows = 4096
+    x, w13, w2, logits = _moe_inputs(rows, 6)
+    weights, ids = route(logits, MOE_TOP_K, True)
+    full = fused_moe_invariant(x, w13, w2, weights, ids)
+    ref = fused_moe_ref(x, w13, w2, weights, ids)
+    err = (full.float() - ref.float()).abs().max().item()
+    if err > 0.05 * ref.float().abs().max().item():
+        fail(f"fused_moe_invariant: max error {err} against the reference")
+    for m in (1, 7, 256, 1000) if quick else (1, 2, 7, 16, 63, 64, 65, 256, 1000, rows):
+        for start in {0, 13, rows - m}:
+            sl = slice(start, start + m)
+            w, i = route(logits[sl], MOE_TOP_K, True)
+            if not (torch.equal(w, weights[sl]) and torch.equal(i, ids[sl])):
+                fail(f"route: rows {start}:{start + m} differ from the {rows}-row call")
+            if not torch.equal(fused_moe_invariant(x[sl], w13, w2, w, i), full[sl]):
+                fail(f"fused_moe_invariant: rows {start}:{start + m} differ from the {rows}-row call")
+    print(f"route and fused_moe_invariant [E={MOE_EXPERTS}, k={MOE_TOP_K}, H={MOE_HIDDEN}, I={MOE_INTER}]: rows "
+          f"bitwise across T and offsets; max |err| vs the reference {err:.3g}")
+
+
+def time_moe() -> None:
+    print("\nfused_moe_invariant vs the default triton_moe.fused_moe, bf16, median ms:")
+    for m in (1, 64, 256, 4096):
+        x, w13, w2, logits = _moe_inputs(m, 7)
+        weights, ids = route(logits, MOE_TOP_K, True)
+        t_inv = timed(lambda: fused_moe_invariant(x, w13, w2, weights, ids))
+        t_ref = timed(lambda: triton_moe.fused_moe(x, w13, w2, weights, ids))
+        print(f"T {m:5}: invariant {t_inv:8.4f}  default {t_ref:8.4f}  ratio {t_inv / t_ref:5.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer layouts")
@@ -211,8 +257,10 @@ def main() -> None:
     check_matmul(args.quick)
     check_rows_ops()
     check_attention(args.quick)
+    check_moe(args.quick)
     time_matmul()
     time_attention()
+    time_moe()
     print("\nOK")
 
 
