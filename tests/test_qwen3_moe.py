@@ -414,16 +414,3 @@ def test_tensor_parallel_equals_one_rank(tmp_path_factory, moe_dirs, moe_b_dir):
 
 if __name__ == "__main__":
     _rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
-
-
-def test_exact_mode_is_refused_for_moe(moe_dirs):
-    """No batch-invariant MoE kernel yet: refused by name, not silently not invariant."""
-    from rollout import LLM
-    from rollout.errors import UnsupportedFeatureError
-    from trainers_integration.exact import ExactForward
-
-    path = moe_dirs["norm"]
-    with pytest.raises(UnsupportedFeatureError, match="batch_invariant"):
-        LLM(str(path), dtype="float32", num_kv_blocks=16, batch_invariant=True)
-    with pytest.raises(UnsupportedFeatureError):
-        ExactForward(eager_oracle(path).model.config, dtype=torch.float32, device="cpu")

@@ -10,7 +10,10 @@ gradients flow back into the trainer's parameters (the backward need not be inva
 
 The weights stay the trainer's: no copy is kept. The fused engine parameters (q/k/v,
 gate/up) are concatenated from the trainer's tensors in each forward (differentiably), in
-the layout of the engine's ``weight_loader`` (checked by the tests). FSDP2 parameters
+the layout of the engine's ``weight_loader`` (checked by the tests); a MoE layer's stacked
+experts (``experts.w13`` [E, 2I, H], ``experts.w2`` [E, H, I]) are stacked from each
+expert's gate/up/down tensors, or taken as they are from a transformers v5 module, which
+holds them stacked (``experts.gate_up_proj``, ``experts.down_proj``). FSDP2 parameters
 (DTensors) are gathered with ``full_tensor()``, which is differentiable. A DeepSpeed ZeRO-3
 module's parameters are read inside ``deepspeed.zero.GatheredParameters(module.parameters())``
 (logprobs only: ZeRO-3 reduces gradients through its own module hooks, which this functional
@@ -25,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from rollout.errors import InvalidRequestError, UnsupportedFeatureError, WeightUpdateError
+from rollout.errors import InvalidRequestError, WeightUpdateError
 from rollout.models.backends import AttentionMetadata, create_attention_backend, get_ops
 from rollout.models.forward_context import ForwardContext, set_forward_context
 from rollout.models.layers.rotary import RotaryEmbedding
 from rollout.models.loader import build_model
-from rollout.models.weights import WeightMap
+from rollout.models.weights import WHOLE, WeightMap
 from rollout.outputs import SamplingMask
 from rollout.platforms import get_platform
 
@@ -39,7 +42,7 @@ _BLOCK_SIZE = 16
 
 class ExactForward:
     """``ExactForward(hf_config, dtype=..., device=...)``: the engine's forward for that
-    config (Llama, Qwen2, Qwen3; one rank), with the batch-invariant kernels of the device's
+    config (Llama, Qwen2, Qwen3, Qwen3-MoE; one rank), with the batch-invariant kernels of the device's
     platform. Call ``token_logprobs(params, sequences, prompt_lens, temperature)`` with the
     trainer's parameters by HF name (``dict(module.named_parameters())``)."""
 
@@ -49,15 +52,18 @@ class ExactForward:
         self.dtype = dtype
         # The module tree only: parameters live on the meta device and are never filled.
         self.model = build_model(hf_config, dtype, torch.device("meta"), architectures)
-        if not getattr(self.model, "supports_batch_invariant", True):
-            raise UnsupportedFeatureError(f"ExactForward: {type(self.model).__name__} has no batch-invariant kernels yet")
         self._materialize_buffers()
         self.weight_map = WeightMap(self.model)
-        # Engine parameter name -> the HF names concatenated (dim 0, in shard order) into it.
-        self.sources: dict[str, list[str]] = {}
+        # Engine parameter name -> (HF name, shard id) of each of its shards, in shard order.
+        self.sources: dict[str, list[tuple[str, Any]]] = {}
+        # Stacked parameter name -> the one HF tensor that may stand for all its shards.
+        self.whole: dict[str, str] = {}
         for name, param in self.model.named_parameters():
             shards = [s for (pid, s) in self.weight_map.required if pid == id(param)]
-            self.sources[name] = [self.weight_map.required[(id(param), s)] for s in shards]
+            self.sources[name] = [(self.weight_map.required[(id(param), s)], s) for s in shards]
+            whole = _whole_name(self.model, name)
+            if whole is not None:
+                self.whole[name] = whole
         attention, ops = get_platform(self.device).invariant_backends()
         self.backend = create_attention_backend(attention)
         self.ops = get_ops(ops)
@@ -89,26 +95,31 @@ class ExactForward:
 
     # ---- weights ----------------------------------------------------------------------
     def engine_params(self, hf_params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The engine's parameters (fused where the engine fuses) built from the trainer's
-        tensors by HF name, differentiably. Raises ``WeightUpdateError`` naming a missing
-        or misshaped tensor."""
+        """The engine's parameters (fused or stacked where the engine fuses or stacks) built
+        from the trainer's tensors by HF name, differentiably. Raises ``WeightUpdateError``
+        naming a missing or misshaped tensor."""
         out: dict[str, torch.Tensor] = {}
         problems = []
         for name, param in self.model.named_parameters():
+            sources = self.sources[name]
+            if name in self.whole and self.whole[name] in hf_params:  # stacked already (transformers v5)
+                sources = [(self.whole[name], WHOLE)]
             parts = []
-            for hf_name in self.sources[name]:
+            for hf_name, _ in sources:
                 t = _full(hf_params.get(hf_name))
                 if t is None and self.weight_map.is_tied(param):
                     t = _full(hf_params.get(name))
                 if t is None:
-                    problems.append(f"missing {hf_name!r}")
+                    alt = f" (or {self.whole[name]!r} stacked)" if name in self.whole else ""
+                    problems.append(f"missing {hf_name!r}{alt}")
                     continue
                 parts.append(t)
-            if len(parts) != len(self.sources[name]):
+            if len(parts) != len(sources):
                 continue
-            fused = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            fused = _assemble(parts, [s for _, s in sources])
             if fused.shape != param.shape:
-                problems.append(f"{name!r}: got {tuple(fused.shape)} from {self.sources[name]}, expected {tuple(param.shape)}")
+                problems.append(f"{name!r}: got {tuple(fused.shape)} from {[n for n, _ in sources]}, "
+                                f"expected {tuple(param.shape)}")
                 continue
             out[name] = fused.to(device=self.device, dtype=self.dtype)
         if problems:
@@ -218,6 +229,32 @@ class ExactForward:
             head = {"weight": params["model.embed_tokens.weight"]}
         with set_forward_context(ForwardContext(None, [], self.backend, self.ops)):
             return torch.func.functional_call(self.model.lm_head, head, (hidden,))
+
+
+def _whole_name(model: nn.Module, name: str) -> str | None:
+    """The HF name of one tensor holding every shard of engine parameter ``name`` (the
+    mapping's ``WHOLE`` entry: a transformers v5 module's ``experts.gate_up_proj``), or None."""
+    for fused, parts in getattr(model, "packed_modules_mapping", {}).items():
+        for hf_part, shard_id in parts:
+            if shard_id == WHOLE and f".{fused}." in f".{name}.":
+                return f".{name}.".replace(f".{fused}.", f".{hf_part}.")[1:-1]
+    return None
+
+
+def _assemble(parts: list[torch.Tensor], shard_ids: list[Any]) -> torch.Tensor:
+    """One engine parameter from its HF tensors, laid out as its ``weight_loader`` lays
+    them: a single tensor as is; shards concatenated along dim 0 in shard order (q, k, v;
+    gate, up); a stacked parameter's shards ``(expert, part)`` concatenated per expert in
+    shard order (gate, up) and stacked along a new dim 0 in expert order."""
+    if len(parts) == 1 and not isinstance(shard_ids[0], tuple):
+        return parts[0]
+    if not isinstance(shard_ids[0], tuple):
+        return torch.cat(parts, dim=0)
+    per_expert: dict[int, list[torch.Tensor]] = {}
+    for t, (expert, _) in zip(parts, shard_ids):
+        per_expert.setdefault(expert, []).append(t)
+    return torch.stack([torch.cat(per_expert[e]) if len(per_expert[e]) > 1 else per_expert[e][0]
+                        for e in sorted(per_expert)])
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:

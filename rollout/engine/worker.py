@@ -24,7 +24,7 @@ from rollout.engine.llm_engine import LLMEngine
 from rollout.engine.model_runner import ModelRunner
 from rollout.engine.scheduler import Scheduler
 from rollout.errors import (
-    CheckpointError, EngineSleepingError, InvalidRequestError, UnsupportedFeatureError, WeightUpdateError,
+    CheckpointError, EngineSleepingError, InvalidRequestError, WeightUpdateError,
 )
 from rollout.memory.manager import MemoryManager, move_params_into_arena
 from rollout.models.loader import build_model, init_dummy_weights, read_checkpoint
@@ -66,11 +66,6 @@ class Worker:
         model_cfg = config.model
         archs = list(model_cfg.architectures) if model_cfg.architectures else None
         self.model = build_model(model_cfg.hf_config, model_cfg.dtype, self.device, archs, self.parallel)
-        if config.batch_invariant and not getattr(self.model, "supports_batch_invariant", True):
-            raise UnsupportedFeatureError(
-                f"batch_invariant=True: {type(self.model).__name__} has no batch-invariant kernels yet "
-                "(mixture-of-experts layers group tokens by expert); use batch_invariant=False"
-            )
         weights_arena = move_params_into_arena(self.model, lambda n: platform.create_arena(n, self.device))
         if model_cfg.load_format == "dummy":  # random weights (benchmarks): no checkpoint is read
             init_dummy_weights(self.model, model_cfg.seed)

@@ -31,9 +31,6 @@ def sparse_layers(config: Any) -> list[int]:
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    # The experts' grouped GEMMs batch tokens by expert, so a token's result depends on
-    # the rest of the step: exact on-policy mode is refused until an invariant MoE exists.
-    supports_batch_invariant = False
     # FP8 covers the dense decoder's linear layers; the stacked experts have no fp8 path yet.
     supported_quantizations: ClassVar[tuple[str, ...]] = ()
     # Each expert's HF tensors are shards of the stacked parameters; a transformers v5 module
