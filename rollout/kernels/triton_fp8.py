@@ -17,7 +17,8 @@ host (capturable in a CUDA graph):
    e4m3 grid in fp32 with integer and fp32 ops (``_round_to_e4m3``) before the cast to
    fp8, which is then exact. The native cast alone is not nearest-even everywhere: the
    interpreter's rounds ties away from zero and drops the carry out of the mantissa
-   (triton 3.9: 124.0 -> 64.0), and some NVIDIA lowerings go through fp16 and round twice.
+   (triton 3.9: -124.0 -> -64.0; triton-lang/triton#11897), and Ada's fp32 lowering goes
+   through fp16 and rounds twice (triton-lang/triton#11753).
 2. ``_fp8_gemm_kernel``: a program per (``BLOCK_M`` tokens, ``BLOCK_N`` output features)
    walks K in ``BLOCK_K`` steps (128 or a divisor of it, so a step lies in one scale
    block). Each step is one ``tl.dot`` of the fp8 tiles from a zero accumulator, scaled by
@@ -34,20 +35,22 @@ adds it. Both are within about ``(K + 3) * 2^-24`` of the magnitudes ``|x| @ |w|
 the exact product of the dequantized operands, so they match within fp32 reassociation
 (tests/test_triton_fp8.py derives its tolerances from that), then round to the output
 dtype identically. On Hopper the tensor cores accumulate fp8 products with about 13
-mantissa bits (truncating) inside one ``tl.dot``; a dot spans one 128-wide block, whose
-sum is then promoted to fp32 (DeepGEMM's scheme, Triton's default for fp8 dots on sm_90),
-so there the difference per block is of order ``2^-11`` of that block's magnitudes:
-below a bf16 ulp of typical outputs, but it can tip roundings. ``tests/gpu/check_fp8.py``
-measures it at real shapes. Needs fp8 ``tl.dot``: CUDA sm_89+ (Ada, Hopper) or the
-interpreter (which upcasts fp8 tiles to fp16 for the dot: exact, with fp32 sums), where
-the same code runs unchanged.
+mantissa bits (truncating) inside one ``tl.dot`` (Triton's default on sm_90 does not
+promote within a dot); a dot here spans one 128-wide block, whose sum is then promoted to
+fp32 (DeepGEMM's promotion interval), so there the difference per block is of order
+``2^-11`` of that block's magnitudes: below a bf16 ulp of typical outputs, but it can tip
+roundings (the GPU tests allow ``2^-10``; ``tests/gpu/check_fp8.py`` measures it at real
+shapes). Needs fp8 ``tl.dot``: CUDA sm_89+ (Ada, Hopper), or the interpreter, which
+supports fp8 tensors and upcasts fp8 tiles to fp16 for the dot (exact, summed in fp32):
+the same code runs there unchanged, no interpreter-only path.
 
-Tiles (``fp8_tiles``, not measured here yet; vLLM's H100 table for block fp8 has the same
-shape): decode (T <= 16) is bound by the weight read (4096 x 4096: 16 MiB, ~5 us at 3.35
-TB/s), so ``BLOCK_M`` 16 (the smallest tensor-core tile) and narrow column tiles so one
-token still launches a program or more per SM (N 4096 / 32 = 128 programs); up to 64
-tokens 32-row tiles; prefill 64 x 128 tiles, 4 warps, 4 stages (vLLM's tuned choice at
-every M >= 256). ``python -m tests.gpu.check_fp8 --sweep`` times alternatives.
+Tiles (``fp8_tiles``: guesses, not yet measured; K steps of 128 as in vLLM's tuned H100
+tables for 128x128-block fp8): decode (T <= 16) is bound by the weight read (4096 x 4096:
+16 MiB, ~5 us at 3.35 TB/s), so ``BLOCK_M`` 16 (the smallest tensor-core tile) and narrow
+column tiles so that one token still launches about a program per SM (N 4096 / 32 = 128
+programs); up to 64 tokens 32-row tiles; beyond, 64 x 128 tiles with 4 warps and 4 stages
+(what vLLM's table for N 12288, K 7168 picks at every M >= 256). ``python -m
+tests.gpu.check_fp8 --sweep`` times alternatives on a GPU.
 """
 
 from __future__ import annotations
