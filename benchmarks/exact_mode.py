@@ -11,7 +11,9 @@ logprobs against the trainer's recomputation of the same tokens by
 ``trainers_integration.exact.ExactForward`` (rollout's forward over the HF model's weights,
 as a trainer would run it): verl's ``training/rollout_probs_diff_max``/``_mean`` and the k3
 KL. Exact mode's mismatch is 0 by construction; the fast mode's is the bf16 off-policy gap
-it closes. The HF model has random weights from the real config (no hub access)."""
+it closes. ``--modes fast,exact,fp8`` adds FP8 rollout (``quantization="fp8"``) of the same
+bf16 weights against the same bf16 trainer: the off-policy gap FP8 opens. The HF model has
+random weights from the real config (no hub access)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from rollout.bench.common import Options, dispose, env_info, scaled
 from rollout.bench.configs import hf_config, summary
 
 DEFAULT_MODEL = "qwen2.5-1.5b"
+# mode -> the LLM keywords that make it
+MODES = {"fast": {}, "exact": {"batch_invariant": True}, "fp8": {"quantization": "fp8"}}
 
 
 def workload(scale: float, seed: int, vocab: int) -> tuple[list[list[int]], list[int]]:
@@ -38,7 +42,7 @@ def workload(scale: float, seed: int, vocab: int) -> tuple[list[list[int]], list
     return prompts, [rng.randint(lo, hi) for _ in range(num_seqs)]
 
 
-def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
+def run(opts: Options, hw: roofline.Hardware, modes: tuple[str, ...] = ("fast", "exact")) -> dict[str, Any]:
     import transformers
 
     from trainers_integration.exact import ExactForward
@@ -58,10 +62,9 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
               for i, n in enumerate(output_lens)]
     rows, detail = [], {}
     max_len = max(len(p) for p in prompts) + max(output_lens) + 1
-    for mode, exact in (("fast", False), ("exact", True)):
+    for mode in modes:
         llm = LLM(hf, dtype=opts.dtype, device=opts.device, seed=opts.seed, max_model_len=max_len,
-                  kv_cache_memory_bytes=opts.kv_cache_bytes, enforce_eager=opts.enforce_eager,
-                  batch_invariant=exact)
+                  kv_cache_memory_bytes=opts.kv_cache_bytes, enforce_eager=opts.enforce_eager, **MODES[mode])
         throughput.warm_up(llm)
         seconds, num_tokens, _ = throughput.generate_timed(llm, prompts, params)
         outs = llm.generate(prompts, params)  # the same seeded samples, for the mismatch
@@ -82,8 +85,8 @@ def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
             "k3_kl": m["rollout_corr/k3_kl"], "bitwise_equal_to_trainer": bitwise,
         })
         detail[mode] = m
-    fast, exact = rows
-    cost = 1.0 - exact["tok_s"] / fast["tok_s"]
+    by_mode = {r["mode"]: r for r in rows}
+    cost = 1.0 - by_mode["exact"]["tok_s"] / by_mode["fast"]["tok_s"] if {"fast", "exact"} <= set(by_mode) else None
     return {"model": model, "num_seqs": len(prompts), "rows": rows, "exact_mode_cost": cost,
             "roofline_fraction": None, "detail": detail}
 
@@ -99,15 +102,20 @@ def main() -> None:
     p.add_argument("--device", default=Options.device)
     p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 elsewhere")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default="fast,exact", help=f"comma-separated, of {sorted(MODES)}")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
+    modes = tuple(a.modes.split(","))
+    if not set(modes) <= set(MODES):
+        p.error(f"--modes {a.modes}: each of {sorted(MODES)}")
     dtype = a.dtype or ("float32" if torch.device(a.device).type == "cpu" else "bfloat16")
     opts = Options(model=a.model, scale=a.scale, device=a.device, dtype=dtype, seed=a.seed)
     hw = roofline.measure_hardware(opts.torch_device, opts.torch_dtype)
     record = {"workload": "exact", "env": env_info(opts.torch_device), "options": opts.to_json(),
-              "hardware": hw.to_json(), "configs": {a.model: summary(a.model)}, **run(opts, hw)}
+              "hardware": hw.to_json(), "configs": {a.model: summary(a.model)}, **run(opts, hw, modes)}
     print_table(record)
-    print(f"exact mode costs {record['exact_mode_cost']:.1%} of the fast mode's tok/s")
+    if record["exact_mode_cost"] is not None:
+        print(f"exact mode costs {record['exact_mode_cost']:.1%} of the fast mode's tok/s")
     out = a.out or Path(f"exact-{a.model}-{opts.torch_device.type}.json")
     out.write_text(json.dumps(record, indent=1))
     print(f"saved {out}")

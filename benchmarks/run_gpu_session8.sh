@@ -2,6 +2,8 @@
 # Session 8 GPU work for exact on-policy mode (#17), in two calls that fit one 600 s command each.
 #   part a: kernel invariance at real shapes, exact-vs-fast mismatch and cost, decode-step fast vs exact
 #   part b: nano-bench fast vs exact, the GPU test files, the GRPO example --exact (SmolLM2 carried in pieces)
+#   part c (#18): the FP8 GEMM and fused-MoE checks, routes inside CUDA graphs, Qwen3-8B bf16 vs fp8 decode-step
+#   part d (#18): Qwen3-30B-A3B fp8 decode-step with and without routes, Qwen3-8B fp8 vs bf16 update time
 # Results under $OUT (the device tool brings them back).
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -16,6 +18,26 @@ if [ "$part" = a ]; then
       --out "$OUT/decode-step-qwen2.5-1.5b${mode:+-exact}.json" > "$OUT/decode${mode:+-exact}.txt" 2>&1; echo "decode-step $mode rc=$?"; tail -6 "$OUT/decode${mode:+-exact}.txt"
   done
   timeout 80 python -m tests.gpu.check_moe --quick > "$OUT/check_moe.txt" 2>&1; echo "check_moe rc=$?"; tail -15 "$OUT/check_moe.txt"
+elif [ "$part" = c ]; then
+  timeout 90 python -m tests.gpu.check_fp8 --quick > "$OUT/check_fp8.txt" 2>&1; echo "check_fp8 rc=$?"; tail -15 "$OUT/check_fp8.txt"
+  timeout 80 python -m tests.gpu.check_moe --quick > "$OUT/check_moe.txt" 2>&1; echo "check_moe rc=$?"; tail -12 "$OUT/check_moe.txt"
+  timeout 100 python -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py -k "moe or bf16" > "$OUT/pytest-gpu.txt" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest-gpu.txt"
+  for q in "" "--quantization fp8"; do
+    tag=${q:+-fp8}
+    timeout 140 python -m rollout.bench.cli decode-step --model qwen3-8b --batches 1,64 $q \
+      --out "$OUT/decode-step-qwen3-8b$tag.json" > "$OUT/decode8b$tag.txt" 2>&1; echo "decode-step 8b $q rc=$?"; tail -5 "$OUT/decode8b$tag.txt"
+  done
+elif [ "$part" = d ]; then
+  for r in "" "--return-routes"; do
+    tag=${r:+-routes}
+    timeout 200 python -m rollout.bench.cli decode-step --model qwen3-30b-a3b --quantization fp8 --batches 1,64 $r \
+      --out "$OUT/decode-step-qwen3-30b-a3b-fp8$tag.json" > "$OUT/decode30b$tag.txt" 2>&1; echo "decode-step 30b $r rc=$?"; tail -5 "$OUT/decode30b$tag.txt"
+  done
+  for q in "" "--quantization fp8"; do
+    tag=${q:+-fp8}
+    timeout 90 python -m rollout.bench.cli rl-cycle --model qwen3-8b $q \
+      --out "$OUT/rl-cycle-qwen3-8b$tag.json" > "$OUT/rl8b$tag.txt" 2>&1; echo "rl-cycle 8b $q rc=$?"; tail -4 "$OUT/rl8b$tag.txt"
+  done
 else
   for mode in "" "--batch-invariant"; do
     timeout 110 python -m rollout.bench.cli nano-bench --model qwen3-0.6b --scale 0.5 $mode \

@@ -4,6 +4,7 @@ formulas, and a smoke run of each workload with a tiny model (fields only, no ti
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,24 @@ def test_scale_keeps_batches_distinct():
     assert Options(scale=0.01, batches=(256, 1)).decode_batches() == [1, 3]
     # Workloads that do not run decode steps ignore the batches.
     assert cli.parse_args(["nano-bench", "--peer", "--scale", "0.01", "--batches", "1,4"])[0] == "peer"
+
+
+def test_exact_mode_benchmark_reports_each_mode_against_the_trainer():
+    """benchmarks/exact_mode.py on the tiny model: exact mode's logprobs are the trainer's bit
+    for bit; fast and FP8 rollout differ from them, FP8 by far more (its weights are rounded
+    to 3 mantissa bits; the trainer's are not)."""
+    import importlib.util
+
+    from rollout.bench.common import Options
+
+    spec = importlib.util.spec_from_file_location("exact_mode", Path(__file__).parents[1] / "benchmarks" / "exact_mode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opts = Options(model="tiny", scale=0.02, device="cpu", dtype="float32")
+    hw = roofline.Hardware(copy_bw=1e10, matmul_rate=1e10)
+    res = bench.run(opts, hw, ("fast", "exact", "fp8"))
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert rows["exact"]["bitwise_equal_to_trainer"] and rows["exact"]["probs_diff_max"] == 0
+    assert not rows["fp8"]["bitwise_equal_to_trainer"]
+    assert rows["fp8"]["probs_diff_max"] > 10 * rows["fast"]["probs_diff_max"]
+    assert res["exact_mode_cost"] is not None
