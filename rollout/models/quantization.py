@@ -4,7 +4,9 @@ for ``LLM(..., quantization="fp8")`` on a full-precision model: ``with_quantizat
 
 Supported: None, and "fp8": e4m3 weights with one scale per 128x128 block, activations
 quantized dynamically per token and 128-group (the DeepSeek-V3 / Qwen FP8 layout), on the
-linear layers of dense decoders (see ``rollout.models.layers.linear``).
+decoder's linear layers (see ``rollout.models.layers.linear``) and a MoE model's experts
+(``rollout.models.layers.moe``). Embeddings, norms, the LM head and MoE routers stay in the
+model dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +20,24 @@ from rollout.errors import UnsupportedModelError
 FP8_QUANTIZATION_CONFIG = {
     "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
 }
+# Modules every model here keeps in its dtype under fp8 (the last components of a module
+# name). An FP8 config may list them as not converted: Qwen3-MoE FP8 checkpoints (Qwen3-30B-A3B-FP8
+# and its 2507 versions) list "lm_head" and every layer's "input_layernorm", "mlp.gate" (the
+# router, stored bf16) and "post_attention_layernorm". Names are whole module names, not
+# patterns: "mlp.gate" is the router, never "mlp.gate_proj".
+_KEPT_IN_DTYPE = (
+    ("lm_head",), ("embed_tokens",), ("norm",), ("input_layernorm",), ("post_attention_layernorm",),
+    ("q_norm",), ("k_norm",), ("mlp", "gate"),
+)
+
+
+def _kept_in_dtype(module: object) -> bool:
+    """Whether ``module`` (an entry of ``modules_to_not_convert`` / ``ignored_layers``) names
+    a module that is not quantized anyway."""
+    if not isinstance(module, str):
+        return False
+    parts = tuple(module.split("."))
+    return any(parts[-len(kept):] == kept for kept in _KEPT_IN_DTYPE)
 
 
 def quantization_of(hf_config: Any) -> str | None:
@@ -32,16 +52,22 @@ def quantization_of(hf_config: Any) -> str | None:
         qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
     if qc.get("quant_method") != "fp8":
         return None
+    quantized_anyway = [
+        m for key in ("ignored_layers", "modules_to_not_convert") for m in qc.get(key) or [] if not _kept_in_dtype(m)
+    ]
     if (
         qc.get("fmt", "e4m3") == "e4m3"
         and qc.get("activation_scheme", "dynamic") == "dynamic"
         and list(qc.get("weight_block_size") or []) == [128, 128]
-        and not qc.get("ignored_layers") and not qc.get("modules_to_not_convert")
+        and not quantized_anyway
     ):
         return "fp8"
+    not_converted = f" (would be quantized anyway: {quantized_anyway[:10]})" if quantized_anyway else ""
     raise UnsupportedModelError(
-        f"quantization_config {qc} is not supported; supported: quant_method 'fp8' (e4m3) with "
-        "weight_block_size [128, 128], dynamic activations and every linear layer quantized"
+        f"quantization_config {qc} is not supported{not_converted}; supported: quant_method 'fp8' (e4m3) "
+        "with weight_block_size [128, 128], dynamic activations and every linear layer and expert quantized "
+        "(ignored_layers / modules_to_not_convert may name only modules kept in the model dtype anyway: "
+        "lm_head, embed_tokens, norms, mlp.gate routers)"
     )
 
 
