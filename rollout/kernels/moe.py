@@ -1,13 +1,16 @@
 """Mixture-of-experts routing and the expert computation, torch reference (HF Qwen3-MoE numerics).
 
-``route`` picks each token's experts from the router logits; ``fused_moe_ref`` runs them.
-The Triton kernel (``triton_moe.py``) implements ``fused_moe_ref``'s signature.
+``route`` picks each token's experts from the router logits; ``fused_moe_ref`` runs them,
+``fused_moe_fp8_ref`` runs them over FP8 block-quantized experts (``quantization="fp8"``).
+The Triton kernels (``triton_moe.py``) implement their signatures.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from rollout.kernels.fp8 import BLOCK, dequantize_blockwise, fp8_linear_ref, quantize_activation_per_token_group
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,5 +63,37 @@ def fused_moe_ref(
         slot, token = torch.where(slot_token == expert)
         gate, up = F.linear(x[token], w13[expert]).chunk(2, dim=-1)
         h = F.linear(F.silu(gate) * up, w2[expert])  # [n, H]
+        out.index_add_(0, token, h * weights[token, slot, None])
+    return out
+
+
+def fused_moe_fp8_ref(
+    x: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """``fused_moe_ref`` over FP8 experts: the same loop, order and roundings, each expert GEMM
+    as ``fp8_linear_ref`` computes a linear layer (its input quantized per token and 128-group,
+    both operands dequantized to fp32 and multiplied, the product rounded to x's dtype).
+
+    w13_q [E, 2I, H] float8_e4m3fn with w13_scale [E, 2 * ceil(I/128), ceil(H/128)] fp32: the
+    gate rows and the up rows are each their own 128-row blocks (the gate's block rows, then
+    the up's), as a fused linear's shards; w2_q [E, H, I] with w2_scale [E, ceil(H/128),
+    ceil(I/128)]. Gate and up are one GEMM over the expert's tokens (x quantized once); h =
+    silu(gate) * up in x's dtype is quantized again before the down GEMM. -> [T, H] in x's dtype.
+    """
+    inter = w2_q.shape[2]
+    num_blocks = -(-inter // BLOCK)  # block rows of each of gate and up
+    out = torch.zeros_like(x)  # [T, H]
+    weights = topk_weights.to(x.dtype)
+    slot_token = topk_ids.t()  # [k, T]
+    for expert in torch.unique(topk_ids).tolist():  # ascending
+        slot, token = torch.where(slot_token == expert)
+        w13 = torch.cat([  # [2I, H] fp32
+            dequantize_blockwise(w13_q[expert, :inter], w13_scale[expert, :num_blocks]),
+            dequantize_blockwise(w13_q[expert, inter:], w13_scale[expert, num_blocks:]),
+        ])
+        x_q, x_scale = quantize_activation_per_token_group(x[token])
+        gate, up = (dequantize_blockwise(x_q, x_scale, 1, BLOCK) @ w13.T).to(x.dtype).chunk(2, dim=-1)
+        h = fp8_linear_ref(F.silu(gate) * up, w2_q[expert], w2_scale[expert])  # [n, H]
         out.index_add_(0, token, h * weights[token, slot, None])
     return out

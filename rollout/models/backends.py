@@ -23,7 +23,7 @@ from rollout.kernels.invariant import (
     fused_moe_rows, linear_rows, log_softmax_rows, paged_attention_rows, rms_norm_rows, rotary_rows,
 )
 from rollout.kernels.layernorm import rms_norm_ref
-from rollout.kernels.moe import fused_moe_ref
+from rollout.kernels.moe import fused_moe_fp8_ref, fused_moe_ref
 from rollout.kernels.penalties import apply_penalties_ref
 from rollout.kernels.rotary import rotary_ref
 
@@ -195,6 +195,10 @@ class Ops:
     # in x's dtype: linear layers of quantization="fp8" (x quantized per token and 128-group).
     # Every op set has the torch reference; a Triton block GEMM would be set here.
     fp8_linear: Callable = fp8_linear_ref
+    # (x [T, H], w13_q fp8 [E, 2I, H], w13_scale [E, 2 * ceil(I/128), ceil(H/128)], w2_q fp8
+    # [E, H, I], w2_scale [E, ceil(H/128), ceil(I/128)], topk_weights, topk_ids) -> [T, H]:
+    # the experts of quantization="fp8" (rollout.kernels.moe; gate and up each their own blocks).
+    fused_moe_fp8: Callable = fused_moe_fp8_ref
     # Every op gives each token the same result whatever else is in the call.
     batch_invariant: bool = False
 
