@@ -40,10 +40,11 @@ def build_model(
     ``supported_quantizations``."""
     cls = resolve_model_class(architectures or getattr(config, "architectures", None))
     quantization = quantization_of(config)
-    if quantization is not None and quantization not in getattr(cls, "supported_quantizations", ()):
+    supported = getattr(cls, "supported_quantizations", ())
+    if quantization is not None and quantization not in supported:
         raise UnsupportedModelError(
-            f"{cls.__name__} does not support quantization {quantization!r} (fp8 covers dense decoders' "
-            "linear layers); use quantization=None with a full-precision checkpoint"
+            f"{cls.__name__} does not support quantization {quantization!r} (supported: {list(supported)}); "
+            "use quantization=None with a full-precision checkpoint"
         )
     kwargs = {}
     if parallel is not None and parallel.tensor_parallel_size > 1:

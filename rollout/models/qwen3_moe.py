@@ -31,8 +31,8 @@ def sparse_layers(config: Any) -> list[int]:
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    # FP8 covers the dense decoder's linear layers; the stacked experts have no fp8 path yet.
-    supported_quantizations: ClassVar[tuple[str, ...]] = ()
+    # FP8: the attention's and dense layers' linears and the experts; the router stays full precision.
+    supported_quantizations: ClassVar[tuple[str, ...]] = ("fp8",)
     # Each expert's HF tensors are shards of the stacked parameters; a transformers v5 module
     # (a live HF model, a trainer's named parameters) holds them stacked already (WHOLE).
     packed_modules_mapping: ClassVar[dict[str, list[tuple[str, Any]]]] = {
@@ -42,6 +42,16 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
             ("experts.gate_up_proj", WHOLE),
         ],
         "experts.w2": [(f"experts.{EXPERT}.down_proj.weight", "down"), ("experts.down_proj", WHOLE)],
+        # quantization="fp8": the block scales, by the names FP8 checkpoints (per expert) and
+        # transformers' FP8Experts (stacked) give them.
+        "experts.w13_scale_inv": [
+            (f"experts.{EXPERT}.gate_proj.weight_scale_inv", "gate"),
+            (f"experts.{EXPERT}.up_proj.weight_scale_inv", "up"),
+            ("experts.gate_up_proj_scale_inv", WHOLE),
+        ],
+        "experts.w2_scale_inv": [
+            (f"experts.{EXPERT}.down_proj.weight_scale_inv", "down"), ("experts.down_proj_scale_inv", WHOLE),
+        ],
     }
 
     def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelState | None = None) -> None:
@@ -60,7 +70,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def build_mlp(self, config: Any, layer_idx: int, dtype: torch.dtype, parallel: ParallelState) -> nn.Module:
         if layer_idx not in self.moe_layers:
             return super().build_mlp(config, layer_idx, dtype, parallel)
-        return SparseMoeBlock(config, self.moe_layers.index(layer_idx), dtype, parallel)
+        return SparseMoeBlock(config, self.moe_layers.index(layer_idx), dtype, parallel, self.quantization)
 
     @property
     def num_moe_layers(self) -> int:

@@ -103,16 +103,18 @@ class WeightMap:
         self.required: dict[tuple[int, str | int | tuple | None], str] = {}
         self._fused: set[str] = set()  # parameters that load only shard by shard
         self._num_names: dict[int, int] = {}  # id(param) -> its number of names (2 when tied)
-        self._shards: dict[int, list] = {}  # id(param) -> its required shard ids
+        self._shards: dict[int, list] = {}  # id(param) -> its shard ids
         for name, param in self._params.items():
             shards = self._shards_of(name, param)
             if shards != [None]:
                 self._fused.add(name)
             self._num_names[id(param)] = self._num_names.get(id(param), 0) + 1
+            if self._num_names[id(param)] > 1:
+                continue
+            self._shards[id(param)] = shards
             # fp8 scales (``loaded_with_weight``) answer to their names but are never required:
             # a full-precision weight writes them as it is quantized.
-            if self._num_names[id(param)] == 1 and not getattr(param, "loaded_with_weight", False):
-                self._shards[id(param)] = shards
+            if not getattr(param, "loaded_with_weight", False):
                 for shard in shards:
                     self.required[(id(param), shard)] = self._hf_name(name, shard)
 

@@ -106,22 +106,32 @@ class LinearBase(nn.Module):
             self._store(group, local.narrow(0, r0, n))
 
     def _attach_fp8(self, scale_shape: Callable, scale_loader: Callable, aligned: Callable) -> None:
-        """The fp8 weight's and scale's loading attributes; ``aligned(shard_id)``: whether
-        this rank's slice of that HF tensor is whole 128-blocks."""
-        def problem(shard_id: str | int | None, dtype: torch.dtype, scale: bool) -> str | None:
-            if not scale and dtype.itemsize == 1 and dtype != FP8_DTYPE:
-                return f"has dtype {dtype}: fp8 weights load as {FP8_DTYPE} only"
-            if (scale or dtype == FP8_DTYPE) and not aligned(shard_id):
-                return ("is block-quantized but this rank's slice of it does not start and end on "
-                        f"{BLOCK}-blocks: give this tensor_parallel_size full-precision weights instead")
-            return None
+        attach_fp8(self.weight, self.weight_scale_inv, scale_shape, scale_loader, self._quantize_into, aligned)
 
-        self.weight.quantize_into = self._quantize_into
-        self.weight.fp8_scales = self.weight_scale_inv
-        self.weight.hf_dtype_problem = lambda s, dtype: problem(s, dtype, False)
-        _attach(self.weight_scale_inv, scale_shape, scale_loader)
-        self.weight_scale_inv.loaded_with_weight = True
-        self.weight_scale_inv.hf_dtype_problem = lambda s, dtype: problem(s, dtype, True)
+
+def attach_fp8(
+    weight: nn.Parameter, scale: nn.Parameter, scale_shape: Callable, scale_loader: Callable,
+    quantize_into: Callable, aligned: Callable,
+) -> None:
+    """The loading attributes of an fp8 ``weight`` and its block ``scale`` (``weight_scale_inv``)
+    that ``rollout.models.weights`` and the loader read. ``quantize_into(local)``: quantize a
+    full-precision tensor of the weight's own shape into it (dummy init); ``aligned(shard_id)``:
+    whether this rank's slice of that HF tensor is whole 128-blocks (else an FP8 checkpoint's
+    tensor cannot load as is)."""
+    def problem(shard_id: Any, dtype: torch.dtype, is_scale: bool) -> str | None:
+        if not is_scale and dtype.itemsize == 1 and dtype != FP8_DTYPE:
+            return f"has dtype {dtype}: fp8 weights load as {FP8_DTYPE} only"
+        if (is_scale or dtype == FP8_DTYPE) and not aligned(shard_id):
+            return ("is block-quantized but this rank's slice of it does not start and end on "
+                    f"{BLOCK}-blocks: give this tensor_parallel_size full-precision weights instead")
+        return None
+
+    weight.quantize_into = quantize_into
+    weight.fp8_scales = scale
+    weight.hf_dtype_problem = lambda s, dtype: problem(s, dtype, False)
+    _attach(scale, scale_shape, scale_loader)
+    scale.loaded_with_weight = True
+    scale.hf_dtype_problem = lambda s, dtype: problem(s, dtype, True)
 
 
 class ColumnLinear(LinearBase):
