@@ -198,6 +198,7 @@ class Ops:
     # (x [T, H], w13_q fp8 [E, 2I, H], w13_scale [E, 2 * ceil(I/128), ceil(H/128)], w2_q fp8
     # [E, H, I], w2_scale [E, ceil(H/128), ceil(I/128)], topk_weights, topk_ids) -> [T, H]:
     # the experts of quantization="fp8" (rollout.kernels.moe; gate and up each their own blocks).
+    # The Triton set has rollout.kernels.triton_moe_fp8 (fp8 tl.dot: CUDA sm_89+).
     fused_moe_fp8: Callable = fused_moe_fp8_ref
     # Every op gives each token the same result whatever else is in the call.
     batch_invariant: bool = False
@@ -216,12 +217,13 @@ def _triton_ops() -> Ops:
     from rollout.kernels.triton_activation import silu_and_mul
     from rollout.kernels.triton_layernorm import rms_norm
     from rollout.kernels.triton_moe import fused_moe
+    from rollout.kernels.triton_moe_fp8 import fused_moe_fp8
     from rollout.kernels.triton_penalties import apply_penalties
     from rollout.kernels.triton_rotary import rotary
     from rollout.kernels.triton_sampling import rank_tokens, sample_tokens
 
     return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties,
-               fused_moe=fused_moe)
+               fused_moe=fused_moe, fused_moe_fp8=fused_moe_fp8)
 
 
 def _triton_invariant_ops() -> Ops:
