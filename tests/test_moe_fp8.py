@@ -363,6 +363,25 @@ def test_update_from_full_precision_equals_fresh_engine(moe_dir, moe_b_dir):
     assert _bitwise_equal(p[f"{L0}.w2"], w2) and _bitwise_equal(p[f"{L0}.w2_scale_inv"], s2)
 
 
+def test_bucketed_and_checkpoint_updates(moe_dir, moe_b_dir, sd, tmp_path):
+    """The cross-process paths end in the same mapping: B's stacked bf16 experts and the
+    rest packed into 8 KiB flat buckets (the IPC / broadcast format) and loaded bucket by
+    bucket, then an FP8 checkpoint directory through load_weights: each bitwise what
+    update_weights / a fresh load gives."""
+    from rollout.weight_sync.bucket import pack, unpack
+
+    llm, ref = _llm(moe_dir, quantization="fp8"), _llm(moe_dir, quantization="fp8")
+    hf_b = transformers.AutoModelForCausalLM.from_pretrained(moe_b_dir, dtype=torch.bfloat16).state_dict()
+    buckets = list(pack(hf_b.items(), bucket_bytes=8192))
+    assert len(buckets) > 10
+    for bucket in buckets:
+        llm.update_weights(list(unpack(bucket)))
+    ref.update_weights(hf_b)
+    assert changed(snapshot(ref), snapshot(llm)) == set()
+    llm.load_weights(write_fp8_checkpoint(moe_dir, sd, tmp_path / "ckpt"))
+    assert changed(snapshot(_llm(moe_dir, quantization="fp8")), snapshot(llm)) == set()
+
+
 def test_partial_and_stacked_fp8_updates(moe_dir, moe_b_dir):
     """One expert's projection touches only its rows and block rows; a stacked fp8 pair
     (transformers' FP8Experts names: ``gate_up_proj`` + ``gate_up_proj_scale_inv``) and
