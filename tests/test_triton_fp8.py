@@ -251,3 +251,32 @@ def test_empty_and_refusals():
         fp8_linear(x.long(), w_q, w_scale)
     with pytest.raises(ValueError, match="contiguous"):
         fp8_linear(x[:, :128], w_q.t().contiguous().t()[:, :128], w_scale[:, :1])
+
+
+def test_the_triton_op_set_runs_it_for_fp8_linears():
+    """A fused q/k/v layer built with quantization="fp8" (shards of 192/64/64 rows: the
+    second and third start mid-block, so each runs on a narrowed view) gives under the
+    Triton op set what the reference gives under the torch one, within the bound above;
+    "triton_no_fp8" (GPUs before sm_89: no fp8 tl.dot) keeps the references."""
+    from rollout.models.backends import TORCH_OPS, create_attention_backend, get_ops
+    from rollout.models.forward_context import ForwardContext, set_forward_context
+    from rollout.models.layers.linear import ColumnLinear
+    from rollout.models.loader import init_dummy_weights
+
+    ops = get_ops("triton")
+    assert ops.fp8_linear is fp8_linear
+    no_dot = get_ops("triton_no_fp8")
+    assert no_dot.fp8_linear is ref.fp8_linear_ref and no_dot.fused_moe_fp8 is TORCH_OPS.fused_moe_fp8
+    with torch.device(DEVICE):
+        layer = ColumnLinear(160, [192, 64, 64], True, torch.float32, shard_ids=["q", "k", "v"], quantization="fp8")
+    init_dummy_weights(layer, seed=0, std=0.1)
+    x = torch.randn(5, 160, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out = {}
+    for name, op_set in (("torch", TORCH_OPS), ("triton", ops)):
+        with torch.no_grad(), set_forward_context(ForwardContext(None, [], create_attention_backend("torch"), op_set)):
+            out[name] = layer(x)
+    w, s, b = layer.weight, layer.weight_scale_inv, layer.bias
+    for r0, rows, b0, blocks in ((0, 192, 0, 2), (192, 64, 2, 1), (256, 64, 3, 1)):  # each shard starts a block row
+        shard = (w.narrow(0, r0, rows), s.narrow(0, b0, blocks), b.narrow(0, r0, rows))
+        _assert_close(out["triton"][:, r0 : r0 + rows], x, *shard)
+        assert torch.equal(out["torch"][:, r0 : r0 + rows], ref.fp8_linear_ref(x, *shard))

@@ -193,7 +193,7 @@ class Ops:
     fused_moe: Callable = fused_moe_ref
     # (x [..., K], w_q fp8 [N, K], w_scale fp32 [ceil(N/128), ceil(K/128)], bias=None) -> [..., N]
     # in x's dtype: linear layers of quantization="fp8" (x quantized per token and 128-group).
-    # Every op set has the torch reference; a Triton block GEMM would be set here.
+    # The Triton set has rollout.kernels.triton_fp8 (fp8 tl.dot: CUDA sm_89+).
     fp8_linear: Callable = fp8_linear_ref
     # (x [T, H], w13_q fp8 [E, 2I, H], w13_scale [E, 2 * ceil(I/128), ceil(H/128)], w2_q fp8
     # [E, H, I], w2_scale [E, ceil(H/128), ceil(I/128)], topk_weights, topk_ids) -> [T, H]:
@@ -212,9 +212,11 @@ TORCH_INVARIANT_OPS = Ops(
 )
 
 
-def _triton_ops() -> Ops:
+def _triton_ops(fp8_dot: bool = True) -> Ops:
     # Imported on demand: installs without triton (or without a GPU) never load it.
+    # fp8_dot=False ("triton_no_fp8", GPUs before sm_89): the FP8 layers run the references.
     from rollout.kernels.triton_activation import silu_and_mul
+    from rollout.kernels.triton_fp8 import fp8_linear
     from rollout.kernels.triton_layernorm import rms_norm
     from rollout.kernels.triton_moe import fused_moe
     from rollout.kernels.triton_moe_fp8 import fused_moe_fp8
@@ -222,8 +224,11 @@ def _triton_ops() -> Ops:
     from rollout.kernels.triton_rotary import rotary
     from rollout.kernels.triton_sampling import rank_tokens, sample_tokens
 
+    if not fp8_dot:
+        return Ops("triton_no_fp8", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties,
+                   fused_moe=fused_moe)
     return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties,
-               fused_moe=fused_moe, fused_moe_fp8=fused_moe_fp8)
+               fused_moe=fused_moe, fp8_linear=fp8_linear, fused_moe_fp8=fused_moe_fp8)
 
 
 def _triton_invariant_ops() -> Ops:
@@ -249,6 +254,10 @@ def get_ops(name: str) -> Ops:
         return TORCH_INVARIANT_OPS
     if name == "triton":
         return _triton_ops()
+    if name == "triton_no_fp8":
+        return _triton_ops(fp8_dot=False)
     if name == "triton_invariant":
         return _triton_invariant_ops()
-    raise PlatformError(f"unknown op set {name!r}; known: ['torch', 'torch_invariant', 'triton', 'triton_invariant']")
+    raise PlatformError(
+        f"unknown op set {name!r}; known: ['torch', 'torch_invariant', 'triton', 'triton_no_fp8', 'triton_invariant']"
+    )

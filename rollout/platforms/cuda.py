@@ -44,7 +44,11 @@ class CudaPlatform(Platform):
         return "triton" if _has_triton() else "torch_sdpa"
 
     def ops_backend(self) -> str:
-        return "triton" if _has_triton() else "torch"
+        if not _has_triton():
+            return "torch"
+        # The FP8 GEMMs' tl.dot on e4m3 needs Ada/Hopper (sm_89+); older GPUs run the
+        # FP8 layers through the torch references and everything else through Triton.
+        return "triton" if torch.cuda.get_device_capability() >= (8, 9) else "triton_no_fp8"
 
     def invariant_backends(self) -> tuple[str, str]:
         # Fixed-tiling Triton kernels (rollout.kernels.triton_invariant); the per-token torch
