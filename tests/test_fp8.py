@@ -292,6 +292,18 @@ def test_nonfinite_and_unpaired_fp8_are_refused(fp8_dir, sd):
     assert _bitwise_equal(params_of(llm)[f"{QKV0}.weight"][:256], q)
 
 
+def test_fp8_tensor_into_a_full_precision_engine_is_refused(fp8_dir, sd):
+    """An engine without quantization holds every weight in full precision: an fp8 tensor
+    for one would be value-cast without its scales (wrong by the scale factor): refused by
+    name, nothing changes."""
+    llm = _llm(fp8_dir)
+    before, version = snapshot(llm), llm.weight_version
+    q, _ = quantize_weight_blockwise(sd[Q0])
+    with pytest.raises(WeightUpdateError, match="quantization='fp8'"):
+        llm.update_weights({K0: sd[K0] * 2, Q0: q})
+    assert changed(before, snapshot(llm)) == set() and llm.weight_version == version
+
+
 def _write_fp8_checkpoint(src: Path, sd: dict[str, torch.Tensor], dst: Path, with_config: bool) -> Path:
     """``src``'s model as an FP8 checkpoint: each decoder linear ``weight`` in e4m3 beside its
     ``weight_scale_inv``, the rest as is; ``with_config``: config.json records it."""

@@ -210,6 +210,13 @@ def plan_load(
         if dtype_problem is not None and (problem := dtype_problem(target.shard_id, dtype)) is not None:
             problems.append(f"tensor {hf_name!r} {problem}")
             continue
+        if dtype.itemsize == 1 and getattr(target.param, "fp8_scales", None) is None:
+            # Casting fp8 values into a full-precision weight would drop their block scales.
+            problems.append(
+                f"tensor {hf_name!r} has dtype {dtype} but this weight is held in {target.param.dtype}: "
+                "fp8 tensors load only into an engine built with quantization='fp8'"
+            )
+            continue
         keys = weight_map.covered_keys(target)
         clash = next((k for k in keys if k in covered), None)
         if clash is not None:
