@@ -146,7 +146,12 @@ class VllmOptions:
     the values supported; none is dropped when it would change what the engine does.
 
     - ``enable_sleep_mode``: any bool. Sleep is always available here (the weights and KV
-      cache live in arenas that can be released), so False does not take it away.
+      cache live in arenas that can be released), so False does not take it away. True says
+      the engine will sleep: the host copy that ``sleep(level=1)`` keeps of the weights (the
+      weights' bytes of host memory, pinned on a GPU; per rank) is allocated from start-up
+      in a background thread, so the first sleep(1) costs what later ones do instead of
+      the allocation (seconds for a few GB of pinned memory). False: nothing is allocated
+      until the first sleep(1), which pays for it. ``sleep(level=2)`` drops the copy.
     - ``distributed_executor_backend``: None, "external_launcher" or "uni": this process
       is one rank's engine, which is the only way rollout runs (tensor parallelism over the
       caller's ``torch.distributed`` world, as vLLM's external launcher does). "mp" and

@@ -83,6 +83,13 @@ class WakeOOMError(RolloutError, MemoryError):
     """``wake_up`` could not get its memory back; nothing was left half-mapped."""
 
 
+class HostMemoryError(RolloutError, MemoryError):
+    """``sleep(level=1)`` could not allocate the host memory that keeps the weights (pinned
+    memory on a GPU: the host is out of memory or of lockable pages). Nothing was released:
+    the engine is awake and unchanged (its KV cache and requests in flight included), and
+    a later ``sleep`` tries the allocation again. ``__cause__`` is the allocator's error."""
+
+
 class EngineStateError(RolloutError, RuntimeError):
     """The call does not fit the engine's state: ``resume()`` without ``pause()``, or a
     blocking call (``generate``, ``score``) that could never finish while paused."""

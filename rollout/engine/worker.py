@@ -76,7 +76,11 @@ class Worker:
         kv_arena = self.runner.init_kv_cache(num_blocks)
         if platform.supports_cuda_graphs and not config.enforce_eager:
             self.runner.capture_cuda_graphs()
-        self.memory = MemoryManager(weights_arena, kv_arena, pin_host=platform.pin_host_memory)
+        # After graph capture: the host copy's background allocation must not run during it.
+        self.memory = MemoryManager(
+            weights_arena, kv_arena, pin_host=platform.pin_host_memory, allocate_host=platform.allocate_host,
+            prepare_host_copy=config.vllm.enable_sleep_mode,
+        )
         self.updater = WeightUpdater(self.model)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
@@ -194,9 +198,15 @@ class Worker:
         """Release device memory (see ``LLM.sleep``); returns the bytes freed."""
         self.memory.check_level(level)  # before anything is dropped
         before = self.memory.memory_usage()
-        if self.memory.arenas["kv_cache"].is_mapped:
-            self.engine.drop_kv_cache()
-        self.memory.sleep(level)
+        kv = self.memory.arenas["kv_cache"]
+        had_kv = kv.is_mapped
+        if had_kv:
+            self.engine.flush()  # no step in flight while memory moves
+        try:
+            self.memory.sleep(level)  # HostMemoryError: nothing released, KV cache and requests kept
+        finally:
+            if had_kv and not kv.is_mapped:
+                self.engine.drop_kv_cache()
         self.platform.release_cached_memory(self.device)
         if level == 2:
             self.updater.discard()

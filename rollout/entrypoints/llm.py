@@ -394,7 +394,9 @@ class LLM:
         """Hand device memory back (to the trainer). Level 1: the KV cache is dropped and
         the weights are copied to (pinned) host memory; level 2: both are dropped and the
         weights must come back through ``update_weights`` or ``load_weights``. Requests in
-        flight lose their KV and are recomputed after the wake. Sleeping twice is a no-op."""
+        flight lose their KV and are recomputed after the wake. Sleeping twice is a no-op.
+        The first sleep(1) allocates the host copy unless ``enable_sleep_mode=True`` had it
+        allocated from start-up; ``HostMemoryError`` when it cannot (nothing changed)."""
         self.worker.memory.check_level(level)  # before anything is dropped
         if self.worker.is_shut_down:
             return

@@ -1,6 +1,11 @@
 """MemoryManager: the engine's two arenas (weights, KV cache) and sleep / wake by tag.
 
-- ``sleep(1)``: weights copied to a host buffer (pinned on GPU), both arenas released.
+- ``sleep(1)``: weights copied to a host buffer (pinned on GPU), both arenas released. The
+  buffer (``HostBuffer``: chunks) is allocated by the first sleep(1), its copies overlapping
+  the allocation, or, with ``prepare_host_copy``, in a background thread from start-up (the
+  host memory is then taken whether or not the engine ever sleeps). A sleep that cannot get
+  it raises ``HostMemoryError`` before anything is released. The buffer is kept for later
+  sleeps; ``sleep(2)`` and ``close`` drop it.
 - ``sleep(2)``: both released, nothing kept; weights come back by update or reload.
 - ``wake_up(tags)``: re-back the named arenas (same addresses on CUDA) and restore weights
   after a level-1 sleep. A wake that runs out of memory re-releases whatever it mapped
@@ -16,6 +21,7 @@ large KV cache, and the copy engine needs no help meanwhile.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -23,6 +29,7 @@ from torch import nn
 
 from rollout.errors import InvalidRequestError, WakeOOMError
 from rollout.memory.arena import Arena, align_up
+from rollout.memory.host_buffer import HostAllocator, HostBuffer
 
 TAGS = ("weights", "kv_cache")
 
@@ -46,12 +53,44 @@ def move_params_into_arena(model: nn.Module, make_arena: ArenaFactory) -> Arena:
     return arena
 
 
+def _phase(phases: dict[str, float], name: str, t0: float) -> float:
+    now = time.perf_counter()
+    phases[name] = (now - t0) * 1e3
+    return now
+
+
+def plain_host_allocator(pin: bool) -> HostAllocator:
+    """torch's host allocation (pinned: torch's caching pinned allocator, cudaHostAlloc)."""
+    return lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
 class MemoryManager:
-    def __init__(self, weights: Arena, kv_cache: Arena, pin_host: bool) -> None:
+    """The arenas by tag and the level-1 host copy of the weights.
+
+    ``allocate_host`` allocates the host copy's chunks (default: ``plain_host_allocator``);
+    ``pin_host`` says they are pinned (copies are then asynchronous). ``prepare_host_copy``
+    starts allocating the whole copy (the weight arena's bytes) now, in a background thread,
+    so that the first ``sleep(1)`` costs what later ones do. Create the manager after the
+    engine's CUDA graph capture: a pinned allocation from another thread during a capture
+    (torch's default, global capture mode) may invalidate it.
+    """
+
+    def __init__(
+        self, weights: Arena, kv_cache: Arena, pin_host: bool, *, allocate_host: HostAllocator | None = None,
+        prepare_host_copy: bool = False,
+    ) -> None:
         self.arenas = {"weights": weights, "kv_cache": kv_cache}
         self.pin_host = pin_host
-        self._host_weights: torch.Tensor | None = None  # level-1 copy of the weight arena
-        self._host_valid = False
+        self._allocate_host = allocate_host or plain_host_allocator(pin_host)
+        self._host: HostBuffer | None = None  # level-1 copy of the weight arena
+        self._host_valid = False  # _host holds the weights of the last sleep(1)
+        # Where the last wake_up that woke something spent its time, on the host clock:
+        # map_weights_ms / map_kv_cache_ms (restore: on CUDA, cuMemCreate + map), queue_copy_ms,
+        # wait_copy_ms (what was left of the weights' copy after the maps). A diagnostic.
+        self.last_wake_ms: dict[str, float] = {}
+        if prepare_host_copy:
+            self._host = HostBuffer(weights.nbytes, self._allocate_host)
+            self._host.start_background()
 
     @property
     def is_sleeping(self) -> bool:
@@ -71,15 +110,18 @@ class MemoryManager:
         # Copy whatever the arena holds: weights written since a sleep(2) must survive, and
         # the ones not written yet stay undefined (the WeightUpdater tracks which those are).
         if level == 1 and weights.is_mapped:
-            if self._host_weights is None:
-                self._host_weights = torch.empty(weights.nbytes, dtype=torch.uint8, pin_memory=self.pin_host)
+            if self._host is None:
+                self._host = HostBuffer(weights.nbytes, self._allocate_host)
             kv = self.arenas["kv_cache"]
             kv.synchronize()  # work queued before the copy may still read the KV cache
-            self._host_weights.copy_(weights.tensor, non_blocking=self.pin_host)
+            self._host_valid = False
+            # Chunk by chunk, each copy queued before the next chunk is waited for or
+            # allocated. HostMemoryError: nothing is released, the weights are untouched.
+            self._host.copy_from(weights.tensor, non_blocking=self.pin_host)
             kv.release(synchronized=True)  # only the copy is in flight: it reads weights
             self._host_valid = True
         elif level == 2:
-            self._host_weights, self._host_valid = None, False
+            self._drop_host(wait=False)  # a background allocation stops after its chunk
         for arena in self.arenas.values():
             arena.release()  # waits for the copy before the weights go
 
@@ -91,14 +133,18 @@ class MemoryManager:
             raise InvalidRequestError("tags", tags, f"None or a non-empty list of {list(TAGS)}")
         woken: list[str] = []
         tag = ""
+        phases: dict[str, float] = {}
+        t0 = time.perf_counter()
         try:
             for tag in (t for t in TAGS if t in asked):  # weights first: their copy overlaps the KV map
                 arena = self.arenas[tag]
                 if not arena.is_mapped:
                     arena.restore()
                     woken.append(tag)
+                    t0 = _phase(phases, f"map_{tag}_ms", t0)
                     if tag == "weights" and self._host_valid:
-                        arena.tensor.copy_(self._host_weights, non_blocking=self.pin_host)
+                        self._host.copy_to(arena.tensor, non_blocking=self.pin_host)  # type: ignore[union-attr]
+                        t0 = _phase(phases, "queue_copy_ms", t0)
         except BaseException as e:
             # All or nothing, per call: what this call mapped goes back (release waits for a
             # copy in flight); tags woken by earlier calls stay awake. The level-1 host copy
@@ -113,16 +159,31 @@ class MemoryManager:
             raise
         if "weights" in woken and self._host_valid:
             self.arenas["weights"].synchronize()  # the copy is done when wake_up returns
+            _phase(phases, "wait_copy_ms", t0)
+        if woken:
+            self.last_wake_ms = phases
         return woken
 
+    def wait_host_copy(self, timeout: float | None = None) -> bool:
+        """Wait for a background allocation of the host copy to end: True when the whole
+        copy is allocated, False when there is none, it failed (the next sleep(1) raises
+        ``HostMemoryError`` or retries) or ``timeout`` s passed first."""
+        return self._host.wait(timeout) if self._host is not None else False
+
+    def _drop_host(self, wait: bool) -> None:
+        host, self._host, self._host_valid = self._host, None, False
+        if host is not None:
+            host.close(wait=wait)
+
     def close(self) -> None:
-        """Release every arena for good and drop the host copy (engine shutdown)."""
-        self._host_weights, self._host_valid = None, False
+        """Release every arena for good and drop the host copy, after a background
+        allocation's current chunk (engine shutdown)."""
+        self._drop_host(wait=True)
         for arena in self.arenas.values():
             arena.close()
 
     def memory_usage(self) -> dict[str, dict[str, int]]:
-        host = self._host_weights.numel() if self._host_weights is not None else 0
+        host = self._host.allocated_bytes if self._host is not None else 0
         return {
             "weights": {"device": self.arenas["weights"].nbytes if self.arenas["weights"].is_mapped else 0, "host": host},
             "kv_cache": {"device": self.arenas["kv_cache"].nbytes if self.arenas["kv_cache"].is_mapped else 0, "host": 0},

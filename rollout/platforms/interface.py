@@ -115,6 +115,12 @@ class Platform(ABC):
 
         return StorageArena(nbytes, device, lambda: self.synchronize(device))
 
+    def allocate_host(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 host tensor of ``nbytes`` that device memory is copied to (a chunk of
+        the weights' copy kept by ``sleep(level=1)``): pinned where ``pin_host_memory``. May
+        be called from a background thread; raises on failure (host out of memory)."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_host_memory)
+
     def release_cached_memory(self, device: torch.device) -> None:
         """Return memory the framework's allocator holds but no tensor uses (after sleep)."""
 
