@@ -233,7 +233,43 @@ def case_moe_routes_in_graphs(work: Path) -> dict:
             "routes_complete": all(len(r) == 24 for r in graphs[1]), "captured": graphs[3][0] > 0}
 
 
-CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_shutdown_frees_everything, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing, case_moe_routes_in_graphs)}
+def case_host_copy_in_background(work: Path) -> dict:
+    """enable_sleep_mode=True with Qwen2.5-1.5B-sized random weights (3.1 GB): the pinned
+    host copy is allocated by a background thread while the engine generates and while a
+    second engine captures its CUDA graphs (``ready_after_capture`` False: they overlapped);
+    then sleep(1)/wake keep the output and the first sleep(1) costs what later ones do."""
+    import time
+
+    from rollout.bench.configs import write_model_dir
+
+    big = LLM(str(write_model_dir("qwen2.5-1.5b", work)), dtype="bfloat16", device="cuda", load_format="dummy",
+              kv_cache_memory_bytes=2 << 30, max_model_len=1024, enable_sleep_mode=True)
+    out: dict = {"ready_at_build": big.worker.memory.wait_host_copy(0)}
+    ref = _tokens(big)
+    d = _dirs(work)["llama"]
+    small = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128)  # captures its graphs now
+    out["ready_after_capture"] = big.worker.memory.wait_host_copy(0)
+    out["small_captured"] = small.worker.runner.graphs is not None
+    out["small_matches_cpu"] = _tokens(small) == _tokens(LLM(str(d), dtype="float32", device="cpu", num_kv_blocks=128))
+    t0 = time.perf_counter()
+    out["ready"] = big.worker.memory.wait_host_copy()
+    out["wait_s"] = time.perf_counter() - t0
+    out["host_bytes_ok"] = big.memory_usage()["weights"]["host"] == big.worker.memory.arenas["weights"].nbytes
+    out["sleep1_s"] = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        big.sleep(1)
+        torch.cuda.synchronize()
+        out["sleep1_s"].append(time.perf_counter() - t0)
+        big.wake_up()
+    out["same_output"] = _tokens(big) == ref
+    big.shutdown()
+    small.shutdown()
+    return out
+
+
+CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_shutdown_frees_everything, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing, case_moe_routes_in_graphs, case_host_copy_in_background)}
 
 if __name__ == "__main__":
     name, work = sys.argv[1], Path(sys.argv[2])
