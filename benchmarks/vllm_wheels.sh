@@ -75,7 +75,8 @@ download() {
   fi
   local vllm_size
   vllm_size=$(stat -c %s "$WHL"/vllm-wheels/vllm-*.whl)
-  tar -cf "$WHL/$TAR" -C "$WHL" vllm-wheels
+  # Deterministic: the same wheels give the same sha256 whenever downloaded.
+  tar -cf "$WHL/$TAR" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$WHL" vllm-wheels
   local sha total
   sha=$(sha256sum "$WHL/$TAR" | cut -d' ' -f1)
   total=$(stat -c %s "$WHL/$TAR")
@@ -103,7 +104,7 @@ download() {
     if [ "$i" -lt "$n" ]; then
       echo "  call $i: carry [\"$p\"], command: bash benchmarks/vllm_wheels.sh stash"
     else
-      echo "  call $i: carry [\"$p\"], command: bash benchmarks/vllm_wheels.sh stash && bash benchmarks/vllm_wheels.sh install $sha $n && export PYTHONPATH=$SITE:\$PWD VLLM_USE_FLASHINFER_SAMPLER=0 && python3 -m rollout.bench.cli peer --peer-engine vllm --peer-workload nano-bench --out \$OUT/peer-vllm-nano.json"
+      echo "  call $i: carry [\"$p\"], command: bash benchmarks/vllm_wheels.sh stash && bash benchmarks/vllm_wheels.sh install $sha $n && export PYTHONPATH=$SITE:\$PWD VLLM_USE_FLASHINFER_SAMPLER=0 && timeout 280 python3 -m rollout.bench.cli peer --peer-engine vllm --peer-workload nano-bench --out \$OUT/peer-vllm-nano.json; timeout 280 python3 -m rollout.bench.cli peer --peer-engine vllm --peer-workload decode-step --out \$OUT/peer-vllm-decode.json"
     fi
   done
 }
@@ -136,7 +137,14 @@ install() {  # device side: reassemble the pieces stashed by earlier calls, chec
   rm -rf /tmp/vllm-wheels && cat "$STASH/$TAR".* | tar -x -C /tmp
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     /tmp/vllm-wheels/*.whl
-  PYTHONPATH=$SITE python3 -c "import vllm, pydantic, zmq, msgspec; print('vllm', vllm.__version__, 'in', vllm.__file__)"
+  # The modules an offline LLM runs (as vllm_wheels.sh's list was found), imported where CUDA is.
+  PYTHONPATH=$SITE python3 -c "
+import importlib, importlib.metadata as md, vllm
+for m in ('vllm.entrypoints.llm', 'vllm.v1.engine.core', 'vllm.v1.worker.gpu_model_runner',
+          'vllm.v1.attention.backends.flash_attn', 'vllm.model_executor.models.qwen3', 'vllm.compilation.backends'):
+    importlib.import_module(m)
+print('vllm', vllm.__version__, 'in', vllm.__file__, '| typing_extensions', md.version('typing_extensions'),
+      '| pydantic', md.version('pydantic'))"
 }
 
 case "${1:-download}" in
