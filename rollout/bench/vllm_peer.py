@@ -40,7 +40,7 @@ another process that steps on its own while ``step`` collects what it sent, and 
 process one does not give its GPU memory back when deleted (vllm#21073), which this run
 needs for ours. Why not T(1 + k) - T(1), as the HF peer does: with chunked prefill the first
 requests decode while later ones still prefill, so most of the k extra tokens of a large
-batch would ride along in prefill steps (at B=256 the prefills take ~66 steps) and the
+batch would ride along in prefill steps (at B=256 the prefills take ~65 steps) and the
 difference would not be k decode steps. With m past the last prefill, both calls run the
 same schedule until the first request reaches m tokens; from there the longer call has every
 request decoding for k more steps, then both drain alike (k tokens later: the longer call's
