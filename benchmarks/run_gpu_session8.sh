@@ -12,11 +12,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "$part" = a ]; then
   timeout 70 python -m tests.gpu.check_invariant --quick > "$OUT/check_invariant.txt" 2>&1; echo "check_invariant rc=$?"; tail -30 "$OUT/check_invariant.txt"
-  timeout 110 python benchmarks/exact_mode.py --model qwen2.5-1.5b --scale 0.3 --modes fast,exact,fp8 --out "$OUT/exact-qwen2.5-1.5b.json" > "$OUT/exact_mode.txt" 2>&1; echo "exact_mode rc=$?"; tail -12 "$OUT/exact_mode.txt"
   for mode in "" "--batch-invariant"; do
     timeout 75 python -m rollout.bench.cli decode-step --model qwen2.5-1.5b --batches 1,64 $mode \
       --out "$OUT/decode-step-qwen2.5-1.5b${mode:+-exact}.json" > "$OUT/decode${mode:+-exact}.txt" 2>&1; echo "decode-step $mode rc=$?"; tail -6 "$OUT/decode${mode:+-exact}.txt"
   done
+  timeout 110 python benchmarks/exact_mode.py --model qwen2.5-1.5b --scale 0.3 --modes fast,exact,fp8 --out "$OUT/exact-qwen2.5-1.5b.json" > "$OUT/exact_mode.txt" 2>&1; echo "exact_mode rc=$?"; tail -12 "$OUT/exact_mode.txt"
   for mode in "" "--batch-invariant"; do
     timeout 70 python -m rollout.bench.cli nano-bench --model qwen3-0.6b --scale 0.4 $mode \
       --out "$OUT/nano-bench-qwen3-0.6b${mode:+-exact}.json" > "$OUT/nano${mode:+-exact}.txt" 2>&1; echo "nano-bench $mode rc=$?"; tail -5 "$OUT/nano${mode:+-exact}.txt"
