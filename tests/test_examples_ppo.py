@@ -69,7 +69,9 @@ def test_ppo_example_two_steps_dp2(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     stdout, log = run_torchrun_example(
         "examples.ppo.ppo", "--steps", "2", "--prompts-per-rank", "2", "--group-size", "2", "--max-tokens", "8",
-        "--ppo-epochs", "2", "--micro-batch", "4", "--kl-coef", "0.05", metrics_file=metrics, timeout=300,
+        "--ppo-epochs", "2", "--micro-batch", "4", "--kl-coef", "0.05",
+        "--sleep-level", "1",  # the host copy kept across steps (allocated in the background)
+        metrics_file=metrics, timeout=300,
     )
     check_progress(stdout, 2)
     steps = read_metrics(metrics)

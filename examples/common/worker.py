@@ -110,7 +110,9 @@ class RLWorker:
         # sleeps from the start: each step's cycle wakes it and loads the trainer's weights.
         exact = getattr(args, "exact", False)
         self.llm = LLM(self.model, tokenizer=self.tok, dtype=args.engine_dtype, device=self.device, max_model_len=512,
-                       num_kv_blocks=args.num_kv_blocks, seed=args.seed + self.rank, batch_invariant=exact)
+                       num_kv_blocks=args.num_kv_blocks, seed=args.seed + self.rank, batch_invariant=exact,
+                       # sleep(1) keeps a host copy of the weights: allocate it in the background now.
+                       enable_sleep_mode=args.sleep_level == 1)
         #: The trainer's forward in exact mode (rollout's model code and kernels on its weights).
         self.exact = ExactForward.for_module(self.model) if exact else None
         self.llm.sleep(args.sleep_level)
