@@ -287,6 +287,25 @@ def test_shutdown_while_allocating_stops_and_frees(host_device, a_dir):
     assert llm.memory_usage() == {"weights": {"device": 0, "host": 0}, "kv_cache": {"device": 0, "host": 0}}
 
 
+def test_an_engine_dropped_while_allocating_stops_its_thread(host_device, a_dir):
+    """No shutdown: the engine is collected (the thread holds only the buffer) and the thread
+    stops after the chunk in progress instead of allocating the rest for nobody."""
+    pool = HostPool(hold_at=HOLD)
+    threads_before = _host_threads()
+    llm = make_llm(a_dir, device=host_device(pool), enable_sleep_mode=True)
+    assert len(chunk_spans(llm.worker.memory.arenas["weights"].nbytes)) > HOLD + 1
+    assert pool.holding.wait(TIMEOUT)
+    engine = weakref.ref(llm)
+    del llm
+    gc.collect()
+    assert engine() is None
+    pool.release.set()
+    _until(lambda: _host_threads() <= threads_before, "the background thread to stop")
+    assert len(pool.sizes) == HOLD + 1  # no chunk after the one in progress
+    gc.collect()
+    assert all(ref() is None for ref in pool.chunks)
+
+
 def test_sleep_2_stops_the_background_allocation_without_waiting(host_device, a_dir, sd_a, a_out):
     pool = HostPool(hold_at=HOLD)
     threads_before = _host_threads()

@@ -22,6 +22,7 @@ large KV cache, and the copy engine needs no help meanwhile.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -91,6 +92,10 @@ class MemoryManager:
         if prepare_host_copy:
             self._host = HostBuffer(weights.nbytes, self._allocate_host)
             self._host.start_background()
+            # An engine dropped without shutdown (or left at exit): the thread holds only the
+            # buffer, so it would go on pinning the whole copy for nobody; it stops after the
+            # chunk in progress instead. close() is idempotent.
+            weakref.finalize(self, self._host.close, False)
 
     @property
     def is_sleeping(self) -> bool:
