@@ -465,14 +465,18 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def test_tp_slices_of_fp8_experts_must_be_whole_blocks():
-    """A rank's slice of an expert's intermediate dim loads pre-quantized tensors only when
-    it starts and ends on 128-blocks (the dense linear's rule and message); full-precision
+    """Pre-quantized tensors load under TP only when every rank's slice of an expert's
+    intermediate dim starts and ends on 128-blocks (one answer for all ranks; the dense
+    linear's message); full-precision
     tensors are quantized by the rank's own slice whatever it is. A stacked fp8 gate_up_proj
     (transformers' fused blocks) needs I itself whole blocks, so that gate's blocks and up's
     are their own."""
     gen = torch.Generator().manual_seed(0)
     w = {192: torch.randn(192, 256, generator=gen), 256: torch.randn(256, 256, generator=gen)}
-    for inter, tp_size, ok in ((192, 2, False), (256, 2, True), (192, 1, True)):
+    # I = 192 at TP=3: 64 rows a rank; the last rank's slice [128, 192) starts on a block and
+    # ends at I's tail, yet every rank must refuse (a rank that loaded while the others
+    # refused would leave the ranks holding different weights).
+    for inter, tp_size, ok in ((192, 2, False), (192, 3, False), (256, 2, True), (192, 1, True)):
         for rank in range(tp_size):
             module = _Experts(inter, rank, tp_size)
             q, scale = quantize_weight_blockwise(w[inter])

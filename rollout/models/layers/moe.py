@@ -26,7 +26,7 @@ from rollout.distributed.parallel_state import ParallelState
 from rollout.kernels.moe import route, route_weights
 from rollout.models.forward_context import ExpertRoutes, current_ops, current_routes
 from rollout.kernels.fp8 import BLOCK, FP8_DTYPE, quantize_weight_blockwise
-from rollout.models.layers.linear import QUANTIZATIONS, ColumnLinear, _aligned, _attach, _cdiv, _param, attach_fp8
+from rollout.models.layers.linear import QUANTIZATIONS, ColumnLinear, _attach, _cdiv, _param, attach_fp8
 from rollout.models.weights import WHOLE
 
 
@@ -66,9 +66,11 @@ class FusedExperts(nn.Module):
         self.w13_scale_inv = _param((num_experts, 2 * self.num_blocks, hidden_blocks), torch.float32)
         self.w2_scale_inv = _param((num_experts, hidden_blocks, self.num_blocks), torch.float32)
         self.w13_scale_inv.num_experts = self.w2_scale_inv.num_experts = num_experts
-        # A stacked fp8 gate_up_proj's blocks are its fused rows': they are gate's and up's
-        # own only when I is whole blocks.
-        sliced = _aligned(self.start, self.inter_local, inter)
+        # Every rank's slice of I is whole blocks (one answer on all ranks: ranks r >= 1 start
+        # at r * I_local, so it must be whole blocks unless one rank holds all of I). A rank
+        # must not accept a pre-quantized tensor its peers refuse. A stacked fp8
+        # gate_up_proj's blocks are its fused rows': gate's and up's own only when I is whole blocks.
+        sliced = tp_size == 1 or self.inter_local % BLOCK == 0
         attach_fp8(
             self.w13, self.w13_scale_inv, self._w13_scale_shape, self._load_w13_scale, self._quantize_w13_into,
             lambda shard_id: sliced and (shard_id != WHOLE or inter % BLOCK == 0),
