@@ -151,7 +151,11 @@ class VllmOptions:
       weights' bytes of host memory, pinned on a GPU; per rank) is allocated from start-up
       in a background thread, so the first sleep(1) costs what later ones do instead of
       the allocation (seconds for a few GB of pinned memory). False: nothing is allocated
-      until the first sleep(1), which pays for it. ``sleep(level=2)`` drops the copy.
+      until the first sleep(1), which pays for it. ``sleep(level=2)`` drops the copy (torch
+      keeps the freed pinned blocks cached for reuse). While the background allocation
+      runs (seconds after start-up), a CUDA-graph capture in another thread of the process
+      may fail: torch's pinned allocator queries CUDA events, which a capture in the
+      default global mode forbids; the engine captures its own graphs before it starts.
     - ``distributed_executor_backend``: None, "external_launcher" or "uni": this process
       is one rank's engine, which is the only way rollout runs (tensor parallelism over the
       caller's ``torch.distributed`` world, as vLLM's external launcher does). "mp" and

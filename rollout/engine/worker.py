@@ -203,7 +203,8 @@ class Worker:
         if had_kv:
             self.engine.flush()  # no step in flight while memory moves
         try:
-            self.memory.sleep(level)  # HostMemoryError: nothing released, KV cache and requests kept
+            # HostMemoryError: nothing released, KV cache and requests kept (on every TP rank).
+            self.memory.sleep(level, agree=self._all_ranks_ok if self._tp_size > 1 else None)
         finally:
             if had_kv and not kv.is_mapped:
                 self.engine.drop_kv_cache()
@@ -212,6 +213,14 @@ class Worker:
             self.updater.discard()
         after = self.memory.memory_usage()
         return sum(v["device"] for v in before.values()) - sum(v["device"] for v in after.values())
+
+    @property
+    def _tp_size(self) -> int:
+        return 1 if self.parallel is None else self.parallel.tensor_parallel_size
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        """Whether every rank of the TP group says ``ok`` (a collective)."""
+        return min_over_group(int(ok), self.parallel.tp_group, self.device) == 1
 
     def wake_up(self, tags: list[str] | None) -> list[str]:
         return self.memory.wake_up(tags)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from rollout.errors import InvalidRequestError, WakeOOMError
+from rollout.errors import HostMemoryError, InvalidRequestError, WakeOOMError
 from rollout.memory.arena import Arena, align_up
 from rollout.memory.host_buffer import HostAllocator, HostBuffer
 
@@ -109,7 +109,11 @@ class MemoryManager:
         if level not in (1, 2) or not isinstance(level, int) or isinstance(level, bool):
             raise InvalidRequestError("level", level, "1 (keep weights on the host) or 2 (discard weights)")
 
-    def sleep(self, level: int) -> None:
+    def sleep(self, level: int, agree: Callable[[bool], bool] | None = None) -> None:
+        """``agree(ok) -> all ok``: under tensor parallelism, whether every rank of the group
+        holds its host copy (a collective every rank reaches, failed or not); a rank whose
+        own copy succeeded releases nothing when another's failed, so the group stays in one
+        state (all awake) instead of hanging at its next collective."""
         self.check_level(level)
         weights = self.arenas["weights"]
         # Copy whatever the arena holds: weights written since a sleep(2) must survive, and
@@ -122,7 +126,18 @@ class MemoryManager:
             self._host_valid = False
             # Chunk by chunk, each copy queued before the next chunk is waited for or
             # allocated. HostMemoryError: nothing is released, the weights are untouched.
-            self._host.copy_from(weights.tensor, non_blocking=self.pin_host)
+            failed: HostMemoryError | None = None
+            try:
+                self._host.copy_from(weights.tensor, non_blocking=self.pin_host)
+            except HostMemoryError as e:
+                failed = e
+            if agree is not None and not agree(failed is None) and failed is None:
+                failed = HostMemoryError(
+                    "another rank of the tensor-parallel group could not allocate its host copy of the "
+                    "weights: no rank released anything (the engine is awake, as it was)"
+                )
+            if failed is not None:
+                raise failed
             kv.release(synchronized=True)  # only the copy is in flight: it reads weights
             self._host_valid = True
         elif level == 2:

@@ -234,21 +234,23 @@ def case_moe_routes_in_graphs(work: Path) -> dict:
 
 
 def case_host_copy_in_background(work: Path) -> dict:
-    """enable_sleep_mode=True with Qwen2.5-1.5B-sized random weights (3.1 GB): the pinned
-    host copy is allocated by a background thread while the engine generates and while a
-    second engine captures its CUDA graphs (``ready_after_capture`` False: they overlapped);
-    then sleep(1)/wake keep the output and the first sleep(1) costs what later ones do."""
+    """enable_sleep_mode=True with Qwen3-8B-sized random weights (16 GB, several seconds of
+    pinning): the pinned host copy is allocated by a background thread while a second
+    engine, built right away, captures its CUDA graphs (``ready_after_capture`` False: they
+    overlapped; torch's pinned allocator queries CUDA events, which a capture in another
+    thread forbids) and while the engine generates; then sleep(1)/wake keep the output and
+    the first sleep(1) costs what later ones do."""
     import time
 
     from rollout.bench.configs import write_model_dir
 
-    big = LLM(str(write_model_dir("qwen2.5-1.5b", work)), dtype="bfloat16", device="cuda", load_format="dummy",
+    d = _dirs(work)["llama"]  # built before the big engine starts its thread
+    big = LLM(str(write_model_dir("qwen3-8b", work)), dtype="bfloat16", device="cuda", load_format="dummy",
               kv_cache_memory_bytes=2 << 30, max_model_len=1024, enable_sleep_mode=True)
     out: dict = {"ready_at_build": big.worker.memory.wait_host_copy(0)}
-    ref = _tokens(big)
-    d = _dirs(work)["llama"]
     small = LLM(str(d), dtype="float32", device="cuda", num_kv_blocks=128)  # captures its graphs now
     out["ready_after_capture"] = big.worker.memory.wait_host_copy(0)
+    ref = _tokens(big)
     out["small_captured"] = small.worker.runner.graphs is not None
     out["small_matches_cpu"] = _tokens(small) == _tokens(LLM(str(d), dtype="float32", device="cpu", num_kv_blocks=128))
     t0 = time.perf_counter()
