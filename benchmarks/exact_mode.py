@@ -106,8 +106,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     modes = tuple(a.modes.split(","))
-    if not set(modes) <= set(MODES):
-        p.error(f"--modes {a.modes}: each of {sorted(MODES)}")
+    if not set(modes) <= set(MODES) or len(set(modes)) != len(modes):
+        p.error(f"--modes {a.modes}: each of {sorted(MODES)}, at most once")
     dtype = a.dtype or ("float32" if torch.device(a.device).type == "cpu" else "bfloat16")
     opts = Options(model=a.model, scale=a.scale, device=a.device, dtype=dtype, seed=a.seed)
     hw = roofline.measure_hardware(opts.torch_device, opts.torch_dtype)
