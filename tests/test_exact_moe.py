@@ -315,3 +315,18 @@ def test_trainer_gradients_reach_the_experts_and_match_hf(moe_dir):
         torch.testing.assert_close(leaves[pre + "gate_proj.weight"].grad, stacked[e, :32])
         torch.testing.assert_close(leaves[pre + "up_proj.weight"].grad, stacked[e, 32:])
         torch.testing.assert_close(leaves[pre + "down_proj.weight"].grad, g_ours["model.layers.3.mlp.experts.down_proj"][e])
+
+
+def test_trainer_forward_refuses_an_fp8_config(moe_dir):
+    """The engine refuses exact mode with quantization (config.py); so does ExactForward,
+    with the same typed error, before building anything (an FP8 config's block scales have
+    no trainer tensors to be built from)."""
+    import transformers
+
+    from rollout.errors import UnsupportedFeatureError
+    from rollout.models.quantization import FP8_QUANTIZATION_CONFIG
+
+    config = transformers.AutoConfig.from_pretrained(moe_dir)
+    config.quantization_config = dict(FP8_QUANTIZATION_CONFIG)
+    with pytest.raises(UnsupportedFeatureError, match="quantization 'fp8'"):
+        ExactForward(config, dtype=torch.float32, device=DEVICE)

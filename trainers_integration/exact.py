@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from rollout.errors import InvalidRequestError, WeightUpdateError
+from rollout.errors import InvalidRequestError, UnsupportedFeatureError, WeightUpdateError
 from rollout.models.backends import AttentionMetadata, create_attention_backend, get_ops
 from rollout.models.forward_context import ForwardContext, set_forward_context
 from rollout.models.layers.rotary import RotaryEmbedding
 from rollout.models.loader import build_model
+from rollout.models.quantization import quantization_of
 from rollout.models.weights import WHOLE, WeightMap
 from rollout.outputs import SamplingMask
 from rollout.platforms import get_platform
@@ -48,6 +49,12 @@ class ExactForward:
 
     def __init__(self, hf_config: Any, *, dtype: torch.dtype, device: str | torch.device,
                  architectures: list[str] | None = None) -> None:
+        quantization = quantization_of(hf_config)
+        if quantization is not None:  # as the engine's exact mode (EngineConfig) refuses it
+            raise UnsupportedFeatureError(
+                f"ExactForward: quantization {quantization!r}: the batch-invariant kernels have no fp8 GEMM yet "
+                "and the engine refuses batch_invariant=True with it; give a full-precision config"
+            )
         self.device = torch.device(device)
         self.dtype = dtype
         # The module tree only: parameters live on the meta device and are never filled.
