@@ -335,6 +335,19 @@ def test_fp8_checkpoint_loads_as_is(moe_dir, sd, tmp_path):
     assert bf16.generate(TP_PROMPTS, GREEDY)[0].outputs[0].token_ids
 
 
+def test_reload_after_sleep2_from_an_fp8_checkpoint(moe_dir, sd, tmp_path):
+    """sleep(2) discards every weight and scale; reload_weights reads them back from the FP8
+    checkpoint the engine was built from: each fp8 weight with its ``weight_scale_inv``
+    (refused as unpaired otherwise), bitwise what was there, nothing left missing."""
+    path = write_fp8_checkpoint(moe_dir, sd, tmp_path / "ckpt")
+    llm = _llm(path)
+    before = snapshot(llm)
+    llm.sleep(2)
+    llm.wake_up()
+    assert llm.reload_weights() == len(load_file(path / "model.safetensors"))
+    assert changed(before, snapshot(llm)) == set() and llm.worker.updater.missing_names == []
+
+
 # ---- updates -----------------------------------------------------------------------------------
 def test_update_from_full_precision_equals_fresh_engine(moe_dir, moe_b_dir):
     """Per-expert HF names, a transformers v5 module's stacked names, and back: each time

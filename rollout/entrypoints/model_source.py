@@ -15,6 +15,7 @@ from torch import nn
 
 from rollout.errors import CheckpointError, InvalidRequestError
 from rollout.models.loader import checkpoint_files, load_checkpoint, load_named_tensors, read_checkpoint
+from rollout.models.weights import with_scale_names
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ class WeightSource:
 
     def read(self, names: set[str]) -> tuple[list[tuple[str, torch.Size, torch.dtype]], Callable[[], Iterator[torch.Tensor]]]:
         """(name, shape, dtype) of the tensors named ``names`` and a function that opens a
-        stream of them, in that order (what ``WeightUpdater.apply`` takes)."""
+        stream of them, in that order (what ``WeightUpdater.apply`` takes). The block scales
+        of fp8 weights (``<name>_scale_inv``, an FP8 checkpoint's) come with them."""
+        names = with_scale_names(names)
         if self.path is not None:
             return read_checkpoint(self.path, names)
         module = self._module() if self._module is not None else None

@@ -240,6 +240,13 @@ def plan_load(
 _SCALE_SUFFIX = "_scale_inv"
 
 
+def with_scale_names(names: set[str]) -> set[str]:
+    """``names`` and each one's block-scale name (``<name>_scale_inv``): what reading weights
+    back from their source needs, since an fp8 weight loads only with its scales
+    (``fp8_pair_problems``). A source without such a tensor (full precision) simply lacks it."""
+    return set(names) | {name + _SCALE_SUFFIX for name in names}
+
+
 def fp8_pair_problems(targets: list[WeightTarget], dtypes: dict[str, torch.dtype]) -> list[str]:
     """An fp8 weight means nothing without its block scales: an fp8 tensor for a weight that
     has them (``param.fp8_scales``) needs ``<name>_scale_inv`` in the same load, and a
