@@ -271,7 +271,28 @@ def case_host_copy_in_background(work: Path) -> dict:
     return out
 
 
-CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_shutdown_frees_everything, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing, case_moe_routes_in_graphs, case_host_copy_in_background)}
+def case_fp8_update_equals_load(work: Path) -> dict:
+    """quantization="fp8": an engine loaded from a checkpoint (tensors read on the host) and
+    one updated from the same weights as CUDA tensors hold the same fp8 bytes and scales
+    (both quantize on the weight's device)."""
+    from safetensors.torch import load_file
+
+    d = _dirs(work)
+    loaded = LLM(str(d["llama"]), dtype="float32", device="cuda", num_kv_blocks=64, quantization="fp8")
+    updated = LLM(str(d["llama_b"]), dtype="float32", device="cuda", num_kv_blocks=64, quantization="fp8")
+    sd = {k: v.cuda() for f in sorted(d["llama"].glob("*.safetensors")) for k, v in load_file(f).items()}
+    updated.update_weights(sd)
+    a, b = dict(loaded.model.named_parameters()), dict(updated.model.named_parameters())
+    same = {n: bool(torch.equal(a[n].view(torch.uint8) if a[n].element_size() == 1 else a[n],
+                                b[n].view(torch.uint8) if b[n].element_size() == 1 else b[n])) for n in a}
+    out = {"all_equal": all(same.values()), "differ": [n for n, ok in same.items() if not ok][:5],
+           "fp8_params": sum(p.element_size() == 1 for p in a.values()), "tokens": _tokens(loaded) == _tokens(updated)}
+    loaded.shutdown()
+    updated.shutdown()
+    return out
+
+
+CASES = {f.__name__[5:]: f for f in (case_matches_cpu, case_sleep_frees_memory, case_shutdown_frees_everything, case_graph_replay_after_wake, case_wake_oom_rollback, case_bf16_triton_vs_torch, case_default_kv_sizing, case_moe_routes_in_graphs, case_host_copy_in_background, case_fp8_update_equals_load)}
 
 if __name__ == "__main__":
     name, work = sys.argv[1], Path(sys.argv[2])

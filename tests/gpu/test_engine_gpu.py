@@ -78,3 +78,8 @@ def test_kv_sized_by_memory_utilization_after_profile_run(tmp_path_factory):
 def test_moe_routes_recorded_inside_cuda_graphs(tmp_path_factory):
     r = run_case("moe_routes_in_graphs", tmp_path_factory)
     assert all(r.values()), r
+
+
+def test_fp8_update_from_cuda_tensors_equals_a_checkpoint_load(tmp_path_factory):
+    r = run_case("fp8_update_equals_load", tmp_path_factory)
+    assert r["fp8_params"] > 0 and r["all_equal"] and r["tokens"], r

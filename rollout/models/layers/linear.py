@@ -96,7 +96,10 @@ class LinearBase(nn.Module):
     def _store(self, group: int, rows: torch.Tensor) -> None:
         """Quantize full-precision ``rows`` of shard ``group`` into the weight and its scales."""
         r0, n, b0, nb = self._groups[group]
-        q, scale = quantize_weight_blockwise(rows)
+        # On the weight's device: CUDA and CPU torch round amax / 448 differently (a multiply
+        # by 1/448 vs a division), and a checkpoint read on the host must quantize as the
+        # trainer's device tensors do.
+        q, scale = quantize_weight_blockwise(rows.to(self.weight.device))
         self.weight.data.narrow(0, r0, n).copy_(q)
         self.weight_scale_inv.data.narrow(0, b0, nb).copy_(scale)
 
