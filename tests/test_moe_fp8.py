@@ -272,6 +272,25 @@ def test_close_to_the_unquantized_model(moe_dir):
 
 
 # ---- FP8 checkpoints, as Qwen ships them -------------------------------------------------------
+def test_graphs_only_where_the_op_set_runs_the_experts_without_host_syncs(moe_dir):
+    """The torch MoE loops read expert ids on the host (unique/where), which no CUDA graph
+    can capture: a model running one decodes eagerly (the GPU without fp8 dots runs FP8
+    experts that way); the Triton kernels sync nothing."""
+    from dataclasses import replace
+
+    from rollout.models.backends import get_ops
+
+    for quantization, op in ((None, "fused_moe"), ("fp8", "fused_moe_fp8")):
+        runner = _llm(moe_dir, quantization=quantization).worker.runner
+        assert runner.graph_blockers() == [op]  # the torch op set of this CPU engine
+        runner.ops = get_ops("triton_no_fp8")
+        assert runner.graph_blockers() == ([] if quantization is None else ["fused_moe_fp8"])
+        runner.ops = get_ops("triton")
+        assert runner.graph_blockers() == []
+        runner.ops = replace(get_ops("torch"), host_sync_ops=())
+        assert runner.graph_blockers() == []
+
+
 def qwen_quantization_config(num_layers: int) -> dict:
     """The quantization_config of Qwen3-30B-A3B-FP8 (and its 2507 versions): 128x128 e4m3
     blocks, dynamic activations, and as not converted the LM head and every layer's norms

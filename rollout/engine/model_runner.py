@@ -6,6 +6,8 @@ alike); the last position of each request is sampled.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -26,6 +28,8 @@ from rollout.memory.arena import Arena
 from rollout.config import EngineConfig
 from rollout.outputs import SamplingMask
 from rollout.platforms import Platform
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -129,8 +133,20 @@ class ModelRunner:
         self.platform.synchronize(self.device)
         del kv, hidden, logits
 
+    def graph_blockers(self) -> list[str]:
+        """The ops this model runs that the op set computes with host syncs (no CUDA graph
+        can capture them): the torch MoE loops, e.g. FP8 experts on a GPU without fp8 dots."""
+        used = {m.op_name for m in self.model.modules() if hasattr(m, "op_name")}
+        return sorted(used & set(self.ops.host_sync_ops))
+
     def capture_cuda_graphs(self) -> None:
-        """Capture decode steps for a ladder of batch sizes (CUDA platforms only)."""
+        """Capture decode steps for a ladder of batch sizes (CUDA platforms only); none when
+        the model runs an op that syncs with the host (``graph_blockers``): decode is eager."""
+        blockers = self.graph_blockers()
+        if blockers:
+            logger.warning("no CUDA graphs: op set %r runs %s with host syncs; decode steps run eagerly",
+                           self.ops.name, blockers)
+            return
         self.graphs = CudaGraphRunner(
             self.model, self.kv_caches, self.backend, self.ops, self.device, max_num_seqs=self.batch.max_num_seqs,
             max_blocks_per_req=self.max_blocks_per_req, block_size=self.block_size,

@@ -202,13 +202,17 @@ class Ops:
     fused_moe_fp8: Callable = fused_moe_fp8_ref
     # Every op gives each token the same result whatever else is in the call.
     batch_invariant: bool = False
+    # Ops that read device values on the host (the torch MoE loops: unique/where), which a
+    # CUDA graph cannot capture: a model running one of them decodes eagerly.
+    host_sync_ops: tuple[str, ...] = ()
 
 
-TORCH_OPS = Ops("torch", rms_norm_ref, rotary_ref, silu_and_mul_ref)
+_TORCH_MOE = ("fused_moe", "fused_moe_fp8")
+TORCH_OPS = Ops("torch", rms_norm_ref, rotary_ref, silu_and_mul_ref, host_sync_ops=_TORCH_MOE)
 # Exact on-policy mode off-GPU: every reduction once per token (rollout.kernels.invariant).
 TORCH_INVARIANT_OPS = Ops(
     "torch_invariant", rms_norm_rows, rotary_rows, silu_and_mul_ref, linear=linear_rows, log_softmax=log_softmax_rows,
-    fused_moe=fused_moe_rows, batch_invariant=True,
+    fused_moe=fused_moe_rows, batch_invariant=True, host_sync_ops=_TORCH_MOE,
 )
 
 
@@ -226,7 +230,7 @@ def _triton_ops(fp8_dot: bool = True) -> Ops:
 
     if not fp8_dot:
         return Ops("triton_no_fp8", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties,
-                   fused_moe=fused_moe)
+                   fused_moe=fused_moe, host_sync_ops=("fused_moe_fp8",))
     return Ops("triton", rms_norm, rotary, silu_and_mul, sample_tokens, rank_tokens, apply_penalties,
                fused_moe=fused_moe, fp8_linear=fp8_linear, fused_moe_fp8=fused_moe_fp8)
 

@@ -80,6 +80,11 @@ class FusedExperts(nn.Module):
             lambda shard_id: sliced,
         )
 
+    @property
+    def op_name(self) -> str:
+        """The op set's op this layer runs (the model runner checks that graphs can capture it)."""
+        return "fused_moe" if self.w13_scale_inv is None else "fused_moe_fp8"
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.w13_scale_inv is None:
             return current_ops().fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
@@ -164,12 +169,12 @@ class FusedExperts(nn.Module):
     def _store_w13(self, expert: int, half: int, rows: torch.Tensor) -> None:
         """Quantize full-precision ``rows`` [n, H] into expert ``expert``'s gate (0) or up (1)."""
         n, nb = self.inter_local, self.num_blocks
-        q, scale = quantize_weight_blockwise(rows)
+        q, scale = quantize_weight_blockwise(rows.to(self.w13.device))  # on its device: see ColumnLinear's _store
         self.w13.data[expert, half * n : (half + 1) * n].copy_(q)
         self.w13_scale_inv.data[expert, half * nb : (half + 1) * nb].copy_(scale)
 
     def _store_w2(self, expert: int, cols: torch.Tensor) -> None:
-        q, scale = quantize_weight_blockwise(cols)
+        q, scale = quantize_weight_blockwise(cols.to(self.w2.device))
         self.w2.data[expert].copy_(q)
         self.w2_scale_inv.data[expert].copy_(scale)
 
