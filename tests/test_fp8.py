@@ -394,3 +394,25 @@ def test_weight_bytes_and_sleep_round_trip(fp8_dir):
     fp8.wake_up()
     fp8.update_weights(sd)
     assert changed(before, snapshot(fp8)) == set()
+
+
+@pytest.mark.parametrize("kind,full,tp_size,loads_as_is", [
+    ("row", 192, 3, False),  # 64-column slices: rank 2's [128, 192) alone is whole blocks; no rank loads
+    ("row", 384, 3, True),  # 128-column slices
+    ("column", 192, 3, False),  # 64-row slices of a 192-row output
+    ("column", 384, 3, True),
+    ("column", 200, 1, True),  # one rank: the whole tensor, tail block included
+])
+def test_every_rank_agrees_whether_fp8_slices_load_as_is(kind, full, tp_size, loads_as_is):
+    """Whether a rank takes an FP8 checkpoint's tensor as it is (else: refused, give full
+    precision) is the group's rule, the same on every rank: ranks that disagree diverge at
+    the next collective."""
+    from rollout.models.layers.linear import ColumnLinear, RowLinear
+
+    for rank in range(tp_size):
+        if kind == "row":  # input features split: column slices of the HF tensor
+            layer = RowLinear(full, 256, False, torch.float32, tp_rank=rank, tp_size=tp_size, quantization="fp8")
+        else:
+            layer = ColumnLinear(256, (full,), False, torch.float32, tp_rank=rank, tp_size=tp_size, quantization="fp8")
+        problem = layer.weight.hf_dtype_problem(None, torch.float8_e4m3fn)
+        assert (problem is None) == loads_as_is, (rank, problem)

@@ -47,11 +47,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _aligned(start: int, size: int, full: int) -> bool:
-    """Whether rows (or columns) [start, start + size) of a ``full``-long HF tensor are whole
-    128-blocks of it (the last may be its tail): an FP8 checkpoint's slice then needs no
-    requantization."""
-    return start % BLOCK == 0 and (size % BLOCK == 0 or start + size == full)
+def _aligned(size: int, full: int) -> bool:
+    """Whether every rank's ``size``-long slice of a ``full``-long HF dimension is whole
+    128-blocks of it, so an FP8 checkpoint's slice needs no requantization. The rule is the
+    group's, not one rank's: every TP layout here gives each rank a slice of the same size
+    starting at a multiple of it, so all are aligned exactly when the size is whole blocks
+    (or the slice is the whole dimension). One rank's own test would differ across ranks
+    (the last slice may end at the tail), and ranks that disagree on refusing a load
+    diverge."""
+    return size % BLOCK == 0 or size == full
 
 
 class LinearBase(nn.Module):
@@ -164,7 +168,7 @@ class ColumnLinear(LinearBase):
         if self.weight_scale_inv is not None:
             self._attach_fp8(
                 lambda s: torch.Size((_cdiv(self._full(s), BLOCK), _cdiv(in_features, BLOCK))), self._load_scale,
-                lambda s: _aligned(*self.slices[self._index(s)], self._full(s)),
+                lambda s: _aligned(self.slices[self._index(s)][1], self._full(s)),
             )
 
     def _index(self, shard_id: str | int | None) -> int:
@@ -244,7 +248,7 @@ class RowLinear(LinearBase):
         if self.weight_scale_inv is not None:
             self._attach_fp8(
                 lambda s: torch.Size((_cdiv(out_features, BLOCK), _cdiv(in_features, BLOCK))), self._load_scale,
-                lambda s: _aligned(tp_rank * local, local, in_features),
+                lambda s: _aligned(local, in_features),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
