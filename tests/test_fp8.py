@@ -304,6 +304,17 @@ def test_fp8_tensor_into_a_full_precision_engine_is_refused(fp8_dir, sd):
     assert changed(before, snapshot(llm)) == set() and llm.weight_version == version
 
 
+def test_fp8_scales_are_refused_by_name(fp8_dir, sd):
+    """Block scales in fp8 (their values would be rounded to 3 mantissa bits): refused, naming
+    the scales, on an FP8 engine; nothing changes."""
+    llm = _llm(fp8_dir, quantization="fp8")
+    before = snapshot(llm)
+    q, scale = quantize_weight_blockwise(sd[Q0])
+    with pytest.raises(WeightUpdateError, match="holds block scales but has dtype torch.float8_e4m3fn"):
+        llm.update_weights({Q0: q, Q0 + "_scale_inv": scale.to(torch.float8_e4m3fn)})
+    assert changed(before, snapshot(llm)) == set()
+
+
 def _write_fp8_checkpoint(src: Path, sd: dict[str, torch.Tensor], dst: Path, with_config: bool) -> Path:
     """``src``'s model as an FP8 checkpoint: each decoder linear ``weight`` in e4m3 beside its
     ``weight_scale_inv``, the rest as is; ``with_config``: config.json records it."""

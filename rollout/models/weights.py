@@ -210,6 +210,9 @@ def plan_load(
         if dtype_problem is not None and (problem := dtype_problem(target.shard_id, dtype)) is not None:
             problems.append(f"tensor {hf_name!r} {problem}")
             continue
+        if dtype.itemsize == 1 and getattr(target.param, "loaded_with_weight", False):
+            problems.append(f"tensor {hf_name!r} holds block scales but has dtype {dtype}: scales are fp32 or bf16")
+            continue
         if dtype.itemsize == 1 and getattr(target.param, "fp8_scales", None) is None:
             # Casting fp8 values into a full-precision weight would drop their block scales.
             problems.append(
