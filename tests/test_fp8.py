@@ -427,3 +427,16 @@ def test_every_rank_agrees_whether_fp8_slices_load_as_is(kind, full, tp_size, lo
             layer = ColumnLinear(256, (full,), False, torch.float32, tp_rank=rank, tp_size=tp_size, quantization="fp8")
         problem = layer.weight.hf_dtype_problem(None, torch.float8_e4m3fn)
         assert (problem is None) == loads_as_is, (rank, problem)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_nonfinite_fp8_tensors_are_found_from_their_bits(dtype):
+    """nonfinite_names reads fp8 tensors' bits (no fp32 copy): NaN (and e5m2's infinities)
+    found, the largest finite values and negative zero not."""
+    from rollout.models.weights import nonfinite_names
+
+    big = torch.finfo(dtype).max
+    fine = torch.tensor([0.0, -0.0, big, -big, 1.5, -2.0]).to(dtype)
+    bad = [float("nan"), float("-nan")] + ([float("inf"), float("-inf")] if dtype == torch.float8_e5m2 else [])
+    named = [("fine", fine)] + [(f"bad{i}", torch.tensor([1.0, v, 2.0]).to(dtype)) for i, v in enumerate(bad)]
+    assert nonfinite_names(named) == [f"bad{i}" for i in range(len(bad))]

@@ -298,6 +298,11 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+# The bits that make an fp8 value NaN or infinite when all set: e4m3fn has no infinity and
+# one NaN per sign (S.1111.111); e5m2's all-ones exponent is an infinity or a NaN.
+_FP8_NONFINITE_EXPONENT = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
 def nonfinite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the tensors holding a NaN or an infinity. One min/max pass per tensor (NaN
     propagates through both, so a tensor is finite iff its min and max are); the flags stay
@@ -306,7 +311,10 @@ def nonfinite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[s
     for name, tensor in named_tensors:
         if tensor.numel() == 0:
             continue
-        if tensor.dtype.itemsize == 1:  # fp8: no min/max kernels
+        if tensor.dtype in _FP8_NONFINITE_EXPONENT:  # fp8: no min/max kernels; read the bits
+            mask = _FP8_NONFINITE_EXPONENT[tensor.dtype]  # (a same-size uint8 temporary, not fp32's 4x)
+            finite = ~((tensor.view(torch.uint8) & mask) == mask).any()
+        elif tensor.dtype.itemsize == 1:
             finite = torch.isfinite(tensor.float()).all()
         else:
             lo, hi = torch.aminmax(tensor)
