@@ -43,7 +43,7 @@ elif [ "$part" = b ]; then
 elif [ "$part" = c ]; then
   timeout 90 python -m tests.gpu.check_fp8 --quick > "$OUT/check_fp8.txt" 2>&1; echo "check_fp8 rc=$?"; tail -15 "$OUT/check_fp8.txt"
   timeout 80 python -m tests.gpu.check_moe --quick > "$OUT/check_moe.txt" 2>&1; echo "check_moe rc=$?"; tail -12 "$OUT/check_moe.txt"
-  timeout 100 python -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py -k "moe or bf16" > "$OUT/pytest-gpu.txt" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest-gpu.txt"
+  timeout 100 python -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py -k "moe or bf16 or fp8 or host_copy" > "$OUT/pytest-gpu.txt" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest-gpu.txt"
   for q in "" "--quantization fp8"; do
     tag=${q:+-fp8}
     timeout 140 python -m rollout.bench.cli decode-step --model qwen3-8b --batches 1,64 $q \
