@@ -245,3 +245,11 @@ def test_exact_mode_benchmark_reports_each_mode_against_the_trainer():
     assert not rows["fp8"]["bitwise_equal_to_trainer"]
     assert rows["fp8"]["probs_diff_max"] > 10 * rows["fast"]["probs_diff_max"]
     assert res["exact_mode_cost"] is not None
+
+
+@pytest.mark.parametrize("args", [["decode-step", "--model", "tiny"], ["nano-bench", "--model", "tiny-moe"], ["decode-step"]])
+def test_return_routes_needs_decode_step_of_a_moe_model(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args([*args, "--device", "cpu", "--return-routes"])
+    assert exc.value.code == 2 and "--return-routes applies to decode-step of a MoE model" in capsys.readouterr().err
+    cli.parse_args(["decode-step", "--model", "tiny-moe", "--device", "cpu", "--return-routes"])  # accepted

@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options, Path | None]:
             opts.decode_batches()  # refuses a --scale that would drop batches, before any work
     except ValueError as e:
         p.error(str(e))
+    if a.return_routes and (workload != "decode-step" or not MODELS.get(a.model or decode_step.DEFAULT_MODEL, {}).get("num_experts")):
+        p.error("--return-routes applies to decode-step of a MoE model (--model qwen3-30b-a3b or tiny-moe)")
     return workload, opts, a.out
 
 
