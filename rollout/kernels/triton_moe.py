@@ -232,6 +232,19 @@ def _block_of(pid, num_blocks, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.cons
 
 
 @triton.jit
+def _store_silu_mul(acc_g, acc_u, h_ptr, pairs, offs_n, I, m_mask, n_mask):
+    """The gate/up kernels' epilogue (bf16 and fp8 experts): h = silu(gate) * up, each
+    product rounded where torch rounds it, stored at its pairs' rows of h [T*k, I]."""
+    dtype = h_ptr.dtype.element_ty
+    gate = round_as(acc_g, dtype)  # the gate and up projections' outputs
+    up = round_as(acc_u, dtype)
+    silu = round_as(gate / (1.0 + tl.exp(-gate)), dtype)  # torch rounds silu(gate) first
+    h = round_as(silu * up, dtype)
+    h_ptrs = h_ptr + pairs[:, None].to(tl.int64) * I + offs_n[None, :]
+    tl.store(h_ptrs, h.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     x_ptr,  # [T, H], last dim contiguous
     w13_ptr,  # [E, 2I, H], last dim contiguous: gate rows [0, I), up rows [I, 2I)
@@ -285,13 +298,7 @@ def _moe_gate_up_kernel(
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    dtype = h_ptr.dtype.element_ty
-    gate = round_as(acc_g, dtype)  # the gate and up projections' outputs
-    up = round_as(acc_u, dtype)
-    silu = round_as(gate / (1.0 + tl.exp(-gate)), dtype)  # torch rounds silu(gate) first
-    h = round_as(silu * up, dtype)
-    h_ptrs = h_ptr + pairs[:, None].to(tl.int64) * I + offs_n[None, :]
-    tl.store(h_ptrs, h.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
+    _store_silu_mul(acc_g, acc_u, h_ptr, pairs, offs_n, I, m_mask, n_mask)
 
 
 @triton.jit
@@ -445,6 +452,14 @@ def fused_moe(
         BLOCK_M=t.block_m, BLOCK_N=t.block_n2, BLOCK_K=t.block_k2,
         EVEN_K=inter % t.block_k2 == 0, **launch,
     )
+    return combine(y, topk_weights, topk_ids, out)
+
+
+def combine(y: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` [T, H] = each token's k rows of ``y`` [T*k, H] (by pair) weighted and summed in
+    ascending expert id (the reference's order); the last launch of every fused MoE here."""
+    num_tokens, hidden = out.shape
+    top_k = topk_ids.shape[1]
     block_h = min(triton.next_power_of_2(hidden), 1024)
     _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         y, topk_weights, topk_ids, out, hidden, TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k),

@@ -48,7 +48,9 @@ import triton.language as tl
 
 from rollout.kernels.fp8 import BLOCK, FP8_DTYPE
 from rollout.kernels.triton_fp8 import quantize_activation_per_token_group
-from rollout.kernels.triton_moe import _GROUP_M, MoeTiles, _block_of, _moe_sum_kernel, moe_align, moe_tiles
+from rollout.kernels.triton_moe import (
+    _GROUP_M, MoeTiles, _block_of, _store_silu_mul, combine, moe_align, moe_tiles,
+)
 from rollout.kernels.triton_utils import round_as
 
 
@@ -108,13 +110,7 @@ def _moe_gate_up_fp8_kernel(
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    dtype = h_ptr.dtype.element_ty
-    gate = round_as(acc_g, dtype)  # the gate and up projections' outputs
-    up = round_as(acc_u, dtype)
-    silu = round_as(gate / (1.0 + tl.exp(-gate)), dtype)  # torch rounds silu(gate) first
-    h = round_as(silu * up, dtype)
-    h_ptrs = h_ptr + pairs[:, None].to(tl.int64) * I + offs_n[None, :]
-    tl.store(h_ptrs, h.to(dtype), mask=m_mask[:, None] & n_mask[None, :])
+    _store_silu_mul(acc_g, acc_u, h_ptr, pairs, offs_n, I, m_mask, n_mask)
 
 
 @triton.jit
@@ -240,9 +236,4 @@ def fused_moe_fp8(
         w2_q.stride(0), w2_q.stride(1), *w2_scale.stride(),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n2, BLOCK_K=t.block_k2, EVEN_K=inter % t.block_k2 == 0, **launch,
     )
-    block_h = min(triton.next_power_of_2(hidden), 1024)
-    _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
-        y, topk_weights, topk_ids, out, hidden, TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k),
-        BLOCK_H=block_h, num_warps=4,
-    )
-    return out
+    return combine(y, topk_weights, topk_ids, out)
